@@ -1,0 +1,184 @@
+"""Attention pooling with learned or call-time queries."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from attnpool._sets import Sets
+from attnpool.functional.pool import attention_pool_sets
+from attnpool.nn.base import SetPool, per_set_query
+from attnpool.nn.scores import AdditiveScore, BilinearScore
+
+__all__ = ["AttentionPool"]
+
+ScoreSpec = str | Callable[[Tensor, Tensor], Tensor]
+_SCORES = ("scaled_dot", "dot", "additive", "bilinear")
+
+
+class AttentionPool(SetPool):
+    r"""Attention pooling of each set into ``Q`` vectors, with learned queries or a query given at call time.
+
+    .. math::
+        \mathrm{out}_{q} = W_o \Big[\sum_{i} \mathrm{softmax}_i\big(\mathrm{score}(W_q q, W_k x_i) / T\big)
+        \, W_v x_i\Big]_{\text{heads}}
+
+    Each of ``W_q, W_k, W_v, W_o`` is an optional linear layer (identity when off). With ``H`` heads the
+    projected query, keys and values are split into ``H`` slices, each head with its own softmax.
+
+    Args:
+        dim: ``D``, the element size.
+        num_queries: ``Q`` learned queries. ``0`` learns none: a ``query`` must then be passed at call time.
+            A call-time query always takes precedence over the learned ones (context-sensitive pooling: the same
+            set pooled differently for different queries).
+        num_heads: ``H``, dividing ``D`` (and the projected query dim).
+        query_dim: size of the (learned or call-time) queries before ``W_q``; default ``D``.
+        query_proj, key_proj, value_proj, out_proj: use ``W_q: query_dim -> D``, ``W_k, W_v, W_o: D -> D``.
+        bias: biases in those projections.
+        score: ``"scaled_dot"`` (``q·k / sqrt(D/H)``, the default), ``"dot"``, ``"additive"`` (Bahdanau),
+            ``"bilinear"``, or a callable/module ``(query [G|1,H,Q,dq], keys [G,H,L,dk]) -> [G,H,Q,L]``.
+        score_hidden: hidden width of the additive score; default ``D/H``.
+        temperature: ``T``. learn_temperature: learn ``log T``.
+        dropout: attention dropout on the weights during training.
+
+    Shapes:
+        * input: ``[B, L, D]`` + ``mask [B, L]`` (True = keep), ``[N, D]`` + ``offsets [B+1]`` or ``lengths [B]``,
+          or a list of ``[L_i, D]``;
+        * ``query`` (optional): ``[query_dim]`` shared, ``[B, query_dim]`` one per set, ``[B, Q, query_dim]``;
+        * output: ``[B, D]`` for one learned query or a ``[D]``/``[B, D]`` query, else ``[B, Q, D]``;
+        * weights (``return_weights=True``): ``[B, H, Q, L]``, ``[N, H, Q]``, or a list of ``[H, Q, L_i]``.
+
+    An empty set gives 0 (after ``W_o``), with weights 0.
+
+    References: Bahdanau et al. 2015 (additive attention); Vaswani et al. 2017 (scaled dot product, heads);
+    Lee et al. 2019 (pooling by multihead attention with learned seeds).
+    """
+
+    has_weights = True
+    takes_query = True
+
+    def __init__(
+        self,
+        dim: int,
+        num_queries: int = 1,
+        num_heads: int = 1,
+        *,
+        query_dim: int | None = None,
+        query_proj: bool = False,
+        key_proj: bool = False,
+        value_proj: bool = False,
+        out_proj: bool = False,
+        bias: bool = True,
+        score: ScoreSpec = "scaled_dot",
+        score_hidden: int | None = None,
+        temperature: float = 1.0,
+        learn_temperature: bool = False,
+        dropout: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        query_dim = dim if query_dim is None else query_dim
+        if dim % num_heads:
+            raise ValueError(f"num_heads: dim {dim} is not divisible by num_heads = {num_heads}")
+        if num_queries < 0:
+            raise ValueError(f"num_queries: expected >= 0, got {num_queries}")
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+        if isinstance(score, str) and score not in _SCORES:
+            raise ValueError(f"score: expected one of {_SCORES} or a callable, got {score!r}")
+        q_out = dim if query_proj else query_dim
+        if score in ("scaled_dot", "dot") and q_out != dim:
+            raise ValueError(f"query_dim: a dot score needs queries of size dim = {dim}; got query_dim = "
+                             f"{query_dim} without query_proj")
+        if q_out % num_heads:
+            raise ValueError(f"num_heads: query dim {q_out} is not divisible by num_heads = {num_heads}")
+
+        self.dim, self.num_queries, self.num_heads, self.query_dim = dim, num_queries, num_heads, query_dim
+        self.dropout = dropout
+        self.query = nn.Parameter(torch.empty(num_queries, query_dim, **kw)) if num_queries else None
+        self.query_proj = nn.Linear(query_dim, dim, bias=bias, **kw) if query_proj else None
+        self.key_proj = nn.Linear(dim, dim, bias=bias, **kw) if key_proj else None
+        self.value_proj = nn.Linear(dim, dim, bias=bias, **kw) if value_proj else None
+        self.out_proj = nn.Linear(dim, dim, bias=bias, **kw) if out_proj else None
+
+        self.score_name = score if isinstance(score, str) else type(score).__name__
+        self.score: Callable[[Tensor, Tensor], Tensor] | None
+        self.scale: float | None = None
+        if score == "scaled_dot":
+            self.score = None
+        elif score == "dot":
+            self.score, self.scale = None, 1.0
+        elif score == "additive":
+            self.score = AdditiveScore(q_out // num_heads, dim // num_heads, score_hidden or dim // num_heads, **kw)
+        elif score == "bilinear":
+            self.score = BilinearScore(q_out // num_heads, dim // num_heads, **kw)
+        else:
+            self.score = score  # type: ignore[assignment]
+
+        self.initial_temperature = temperature
+        if learn_temperature:
+            self.log_temperature = nn.Parameter(torch.empty((), **kw))
+        else:
+            self.register_buffer("log_temperature", torch.empty((), **kw), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.query is not None:
+            nn.init.normal_(self.query, std=self.query_dim**-0.5)
+        for layer in (self.query_proj, self.key_proj, self.value_proj, self.out_proj):
+            if layer is not None:
+                layer.reset_parameters()
+        if isinstance(self.score, nn.Module) and hasattr(self.score, "reset_parameters"):
+            self.score.reset_parameters()
+        with torch.no_grad():
+            self.log_temperature.fill_(math.log(self.initial_temperature))
+
+    @property
+    def temperature(self) -> Tensor:
+        return self.log_temperature.exp()
+
+    def pool(self, sets: Sets, query: Tensor | None, need_weights: bool) -> tuple[Tensor, Tensor | None]:
+        if query is not None:
+            q, squeeze = per_set_query(query, sets, self.query_dim)
+        elif self.query is not None:
+            q, squeeze = self.query.unsqueeze(0), self.num_queries == 1
+        else:
+            raise ValueError(f"query: {type(self).__name__}(num_queries=0) needs a query at call time")
+        if self.query_proj is not None:
+            q = self.query_proj(q)
+        x = sets.values
+        keys = self.key_proj(x) if self.key_proj is not None else x
+        values = self.value_proj(x) if self.value_proj is not None else x
+        out, weights = attention_pool_sets(
+            sets, q, keys, values, num_heads=self.num_heads, score=self.score, scale=self.scale,
+            temperature=self.temperature if isinstance(self.log_temperature, nn.Parameter)
+            else self.initial_temperature,
+            dropout=self.dropout, training=self.training, need_weights=need_weights,
+        )
+        out = out.to(values.dtype)
+        if self.out_proj is not None:
+            out = self.out_proj(out)
+        return (out.squeeze(1) if squeeze else out), weights
+
+    def extra_repr(self) -> str:
+        parts = [f"dim={self.dim}", f"num_queries={self.num_queries}", f"num_heads={self.num_heads}"]
+        if self.query_dim != self.dim:
+            parts.append(f"query_dim={self.query_dim}")
+        projs = [n for n in ("query_proj", "key_proj", "value_proj", "out_proj") if getattr(self, n) is not None]
+        if projs:
+            parts.append("proj=" + "+".join(p.split("_")[0] for p in projs))
+        parts.append(f"score={self.score_name}")
+        if isinstance(self.log_temperature, nn.Parameter):
+            parts.append(f"temperature=learned(init={self.initial_temperature})")
+        elif self.initial_temperature != 1.0:
+            parts.append(f"temperature={self.initial_temperature}")
+        if self.dropout:
+            parts.append(f"dropout={self.dropout}")
+        return ", ".join(parts)
