@@ -16,7 +16,7 @@ Nothing downstream re-validates or re-derives lengths.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -89,6 +89,17 @@ class Sets:
             return self.mask
         b, l = self.values.shape[:2]
         return torch.ones(b, l, dtype=torch.bool, device=self.values.device)
+
+    def zero_masked(self) -> Sets:
+        """These sets with every masked position of the values set to 0.
+
+        Modules call this before any per-element layer (a projection, a LayerNorm), so that whatever padding holds
+        (NaN, Inf, garbage from ``torch.empty``) reaches neither their outputs nor their parameters' gradients.
+        """
+        if self.mask is None:
+            return self
+        zero = torch.zeros((), dtype=self.values.dtype, device=self.values.device)
+        return replace(self, values=torch.where(self.mask.unsqueeze(-1), self.values, zero))
 
     def companion(self, other: Tensor | Sequence[Tensor], name: str) -> Tensor:
         """Validate a second per-element tensor (``keys``) against these sets and return it in the same layout."""

@@ -93,10 +93,10 @@ def weighted_sum_sets(sets: Sets, weights: Tensor, values: Tensor) -> Tensor:
     values = values.to(weights.dtype)
     if sets.is_padded:
         b, h, q, l = weights.shape
-        v = values.reshape(b, l, h, -1)
+        v = values.reshape(b, l, h, values.shape[-1] // h)
         return torch.einsum("bhql,blhd->bqhd", weights, v).reshape(b, q, -1)
     n, h, q = weights.shape
-    v = values.reshape(n, h, 1, -1)
+    v = values.reshape(n, h, 1, values.shape[-1] // h)
     out = v.new_zeros(sets.batch_size, h, q, v.shape[-1])
     out = out.index_add(0, sets.segment_ids(), weights.unsqueeze(-1) * v)
     return out.transpose(1, 2).reshape(sets.batch_size, q, -1)

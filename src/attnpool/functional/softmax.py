@@ -45,6 +45,8 @@ def masked_softmax(scores: Tensor, mask: Tensor | None = None, dim: int = -1) ->
         with at least one kept position, and 0 over a row with none.
     """
     s = scores.to(compute_dtype(scores.dtype))
+    if s.shape[dim] == 0:
+        return s
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     e = _stable_exp(s, s.amax(dim=dim, keepdim=True))

@@ -58,6 +58,7 @@ class SetPool(nn.Module):
     form of :mod:`attnpool._sets` (padded + mask, packed + offsets or lengths, list of tensors), validates it once
     and hands a :class:`~attnpool._sets.Sets` to the subclass's :meth:`pool`. The base class then
 
+    * zeroes masked positions before the subclass sees them, so padding never reaches a projection,
     * sets the output of empty sets to exactly 0,
     * formats the weights in the caller's layout (``[B, H, Q, L]`` padded, ``[N, H, Q]`` packed, a list of
       ``[H, Q, L_i]``) when ``return_weights`` is True,
@@ -84,7 +85,7 @@ class SetPool(nn.Module):
         query: Tensor | None = None,
         return_weights: bool = False,
     ) -> Any:
-        sets = as_sets(x, mask=mask, offsets=offsets, lengths=lengths)
+        sets = as_sets(x, mask=mask, offsets=offsets, lengths=lengths).zero_masked()
         if query is not None and not self.takes_query:
             raise TypeError(f"query: {type(self).__name__} takes no call-time query")
         if return_weights and not self.has_weights:
@@ -109,6 +110,8 @@ def per_set_query(query: Tensor, sets: Sets, dim: int) -> tuple[Tensor, bool]:
     """
     if not isinstance(query, Tensor):
         raise TypeError(f"query: expected a tensor [D], [B, D] or [B, Q, D], got {type(query).__name__}")
+    if query.shape[-1:] != (dim,):
+        raise ValueError(f"query: expected last dim {dim}, got shape {tuple(query.shape)}")
     squeeze = query.dim() < 3
     if query.dim() == 1:
         query = query.view(1, 1, -1)
@@ -122,6 +125,4 @@ def per_set_query(query: Tensor, sets: Sets, dim: int) -> tuple[Tensor, bool]:
     if query.shape[0] not in (1, sets.batch_size):
         raise ValueError(f"query: expected a leading batch size of 1 or B = {sets.batch_size}, "
                          f"got {tuple(query.shape)}")
-    if query.shape[-1] != dim:
-        raise ValueError(f"query: expected last dim {dim}, got shape {tuple(query.shape)}")
     return query, squeeze

@@ -1,0 +1,81 @@
+"""Input forms: parsing and the errors for bad input (each names the argument, the expectation and what came)."""
+
+import pytest
+import torch
+
+from attnpool import as_sets
+from attnpool.functional import attention_pool
+
+
+def test_three_forms_describe_the_same_sets(ragged):
+    padded = as_sets(ragged.padded, mask=ragged.mask)
+    packed = as_sets(ragged.packed, offsets=ragged.offsets)
+    by_lengths = as_sets(ragged.packed, lengths=ragged.lengths)
+    listed = as_sets(ragged.sets)
+    for s in (padded, packed, by_lengths, listed):
+        assert s.lengths.tolist() == [3, 1, 0, 5, 2]
+        assert s.batch_size == 5
+    assert padded.layout == "padded" and packed.layout == "packed" and listed.layout == "list"
+    assert torch.equal(packed.segment_ids(), torch.tensor([0, 0, 0, 1, 3, 3, 3, 3, 3, 4, 4]))
+
+
+def test_integer_mask_is_accepted_and_means_keep(ragged):
+    s = as_sets(ragged.padded, mask=ragged.mask.long())
+    assert s.mask.dtype == torch.bool and torch.equal(s.mask, ragged.mask)
+
+
+def test_padded_lengths_stand_for_a_prefix_mask(ragged):
+    s = as_sets(ragged.padded, lengths=ragged.lengths)
+    assert torch.equal(s.mask, ragged.mask)
+
+
+def test_padded_without_mask_keeps_everything():
+    s = as_sets(torch.randn(2, 4, 3))
+    assert s.mask is None and s.lengths.tolist() == [4, 4]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"values": torch.randn(2, 3, 4, 5)}, ValueError, ["values", "rank 4", "[B, L, D]"]),
+        ({"values": torch.randn(4)}, ValueError, ["values", "rank 1"]),
+        ({"values": torch.randint(0, 3, (2, 3, 4))}, TypeError, ["values", "floating-point", "int64"]),
+        ({"values": torch.randn(2, 3, 4), "mask": torch.ones(2, 4, dtype=torch.bool)}, ValueError,
+         ["mask", "(2, 3)", "(2, 4)"]),
+        ({"values": torch.randn(2, 3, 4), "mask": torch.ones(2, 3)}, TypeError, ["mask", "float32", "bool"]),
+        ({"values": torch.randn(2, 3, 4), "mask": torch.full((2, 3), 2)}, ValueError, ["mask", "0 and 1"]),
+        ({"values": torch.randn(5, 4), "offsets": torch.tensor([1, 3, 5])}, ValueError, ["offsets[0] == 0", "got 1"]),
+        ({"values": torch.randn(5, 4), "offsets": torch.tensor([0, 4, 3, 5])}, ValueError,
+         ["offsets", "non-decreasing", "[0, 4, 3, 5]"]),
+        ({"values": torch.randn(5, 4), "offsets": torch.tensor([0, 2, 4])}, ValueError,
+         ["offsets[-1] == N = 5", "got 4"]),
+        ({"values": torch.randn(5, 4), "offsets": torch.tensor([0.0, 5.0])}, TypeError, ["offsets", "integer"]),
+        ({"values": torch.randn(5, 4)}, ValueError, ["offsets", "lengths", "exactly one"]),
+        ({"values": torch.randn(5, 4), "lengths": torch.tensor([2, 2])}, ValueError, ["lengths", "N = 5", "4"]),
+        ({"values": torch.randn(5, 4), "lengths": torch.tensor([6, -1])}, ValueError, ["lengths", "non-negative"]),
+        ({"values": torch.randn(5, 4), "mask": torch.ones(5, dtype=torch.bool), "lengths": torch.tensor([5])},
+         ValueError, ["mask", "packed"]),
+        ({"values": torch.randn(2, 3, 4), "offsets": torch.tensor([0, 3, 6])}, ValueError, ["offsets", "padded"]),
+        ({"values": torch.randn(2, 3, 4), "lengths": torch.tensor([1, 4])}, ValueError, ["lengths", "[0, 3]"]),
+        ({"values": [torch.randn(2, 4), torch.randn(3, 5)]}, ValueError, ["values", "one feature size", "[4, 5]"]),
+        ({"values": [torch.randn(2, 4), torch.randn(3)]}, ValueError, ["values", "[L_i, D]", "(3,)"]),
+        ({"values": []}, ValueError, ["values", "empty list"]),
+        ({"values": "abc"}, TypeError, ["values", "str"]),
+    ],
+)
+def test_bad_input_names_argument_expectation_and_actual(kwargs, error, words):
+    values = kwargs.pop("values")
+    with pytest.raises(error) as info:
+        as_sets(values, **kwargs)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_keys_must_match_the_values_layout(ragged):
+    q = torch.randn(8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"keys: expected shape \[5, 5, D_k\].*\(5, 7, 8\)"):
+        attention_pool(ragged.padded, q, torch.randn(5, 7, 8, dtype=torch.float64), mask=ragged.mask)
+    with pytest.raises(ValueError, match=r"keys: expected shape \[11, D_k\]"):
+        attention_pool(ragged.packed, q, torch.randn(10, 8, dtype=torch.float64), offsets=ragged.offsets)
+    with pytest.raises(TypeError, match="keys: values were given as a list"):
+        attention_pool(ragged.sets, q, ragged.packed)
