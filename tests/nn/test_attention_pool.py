@@ -185,3 +185,45 @@ def test_call_errors():
         pool(x, query=torch.randn(2, 8))
     with pytest.raises(ValueError, match=r"query: expected last dim 8.*\(3, 7\)"):
         pool(x, query=torch.randn(3, 7))
+
+
+@pytest.mark.parametrize(("key_proj", "value_proj"), [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize(("num_heads", "num_queries"), [(1, 1), (2, 3), (4, 2)])
+@pytest.mark.parametrize("form", ["padded", "packed"])
+def test_folded_path_equals_projected_path_with_gradients(key_proj, value_proj, num_heads, num_queries, form):
+    torch.manual_seed(0)
+    pool = AttentionPool(8, num_queries, num_heads, query_proj=True, key_proj=key_proj, value_proj=value_proj,
+                         out_proj=True, learn_temperature=True, temperature=0.6, dtype=torch.float64)
+    with torch.no_grad():  # non-zero biases, so that the b_v term and the cancelled b_k term are exercised
+        for layer in (pool.key_proj, pool.value_proj, pool.out_proj):
+            if layer is not None:
+                layer.bias.normal_()
+    batch = make_batch(LENGTHS, 8)
+    args = (batch.padded, batch.mask) if form == "padded" else (batch.packed,)
+    kwargs = {} if form == "padded" else {"offsets": batch.offsets}
+    results = {}
+    for fold in (False, True):
+        pool.fold = fold
+        pool.zero_grad()
+        x = args[0].clone().requires_grad_()
+        out, w = pool(x, *args[1:], return_weights=True, **kwargs)
+        (out.sin().sum() + (w * torch.randn_like(w, generator=torch.Generator().manual_seed(1))).sum()).backward()
+        # the key bias cancels in the softmax: its gradient is 0 (None on the folded path, rounding otherwise)
+        grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in pool.named_parameters()}
+        results[fold] = (out.detach(), w.detach(), x.grad, grads)
+    (o0, w0, x0, g0), (o1, w1, x1, g1) = results[False], results[True]
+    torch.testing.assert_close(o1, o0, rtol=0, atol=1e-13)
+    assert torch.equal(o1[2], torch.zeros_like(o1[2]))  # the empty set stays 0 on both paths
+    torch.testing.assert_close(w1, w0, rtol=0, atol=1e-13)
+    torch.testing.assert_close(x1, x0, rtol=0, atol=1e-12)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=1e-12, msg=name)
+
+
+def test_fold_is_automatic_only_where_exact_and_cheaper():
+    assert AttentionPool(64, 2, 4, key_proj=True, value_proj=True)._use_folded(2)
+    assert not AttentionPool(64, 2, 4)._use_folded(2)  # nothing to fold
+    assert not AttentionPool(8, 4, 4, key_proj=True)._use_folded(4)  # H*Q = 16 > D = 8: projecting is cheaper
+    assert not AttentionPool(64, 1, 1, key_proj=True, score="additive")._use_folded(1)
+    with pytest.raises(ValueError, match="fold: .* dot score"):
+        AttentionPool(8, score="additive", fold=True)

@@ -15,6 +15,7 @@ from torch import Tensor
 from attnpool._sets import Sets, as_sets
 from attnpool.functional.scores import dot_score
 from attnpool.functional.softmax import compute_dtype, masked_softmax, segment_softmax
+from attnpool.kernels import KernelFn, get_kernel
 
 __all__ = [
     "attention_pool",
@@ -145,6 +146,36 @@ def check_temperature(temperature: float | Tensor) -> None:
         raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
 
 
+def _fused_kernel(sets: Sets, keys: Tensor, values: Tensor, score: ScoreFn, num_heads: int, dropout: float,
+                  training: bool, need_weights: bool, query: Tensor) -> KernelFn | None:
+    """The fused kernel to use, or None for the eager path: kernels cover packed sets, one head, a dot score over
+    keys that are the values, and no dropout; weights that must carry gradients come from the eager path."""
+    if (sets.is_padded or score is not dot_score or keys is not values or num_heads != 1
+            or (dropout > 0 and training) or sets.values.shape[0] == 0):
+        return None
+    if need_weights and torch.is_grad_enabled() and (values.requires_grad or query.requires_grad):
+        return None
+    name, fn = get_kernel(sets.values.device.type)
+    return None if name == "reference" else fn
+
+
+def _pool_with_kernel(kernel: KernelFn, sets: Sets, query: Tensor, factor: float | Tensor,
+                      need_weights: bool) -> tuple[Tensor, Tensor | None]:
+    assert sets.offsets is not None
+    x = sets.values
+    # scale and temperature go into the query, so a learned temperature keeps its gradient
+    q = query.to(compute_dtype(x.dtype)) * factor
+    out, lse = kernel(x, sets.offsets, q, 1.0)
+    out = out.to(compute_dtype(x.dtype))
+    if not need_weights:
+        return out, None
+    with torch.no_grad():
+        xc, seg = x.to(q.dtype), sets.segment_ids()
+        logits = xc @ q[0].T if q.shape[0] == 1 else torch.einsum("nd,nmd->nm", xc, q[seg])
+        weights = torch.exp(logits - lse.to(q.dtype)[seg]).unsqueeze(1)
+    return out, weights
+
+
 def attention_pool_sets(
     sets: Sets,
     query: Tensor,
@@ -185,7 +216,10 @@ def attention_pool_sets(
         scale = 1.0
 
     device_type = sets.values.device.type
+    fused = _fused_kernel(sets, keys, values, score, num_heads, dropout, training, need_weights, query)
     with torch.autocast(device_type, enabled=False):
+        if fused is not None:
+            return _pool_with_kernel(fused, sets, query, scale / temperature, need_weights)
         kept_values = kept_elements(sets, values)
         kept_keys = kept_values if keys is values else kept_elements(sets, keys)
         q = query.to(kept_keys.dtype)

@@ -43,6 +43,15 @@ class AttentionPool(SetPool):
         score_hidden: hidden width of the additive score; default ``D/H``.
         temperature: ``T``. learn_temperature: learn ``log T``.
         dropout: attention dropout on the weights during training.
+        fold: evaluate the key and value projections folded onto the query and the pooled output (below).
+            ``None`` (default) folds whenever it is exact and cheaper: a dot score, a key or value projection,
+            and ``H * Q <= D``.
+
+    Folded evaluation: with a dot score, ``q_h · (W_k,h x_i + b_k,h) = (W_k,hᵀ q_h) · x_i + q_h · b_k,h``, and the
+    softmax cancels the constant; and ``Σ_i a_i (W_v,h x_i + b_v,h) = W_v,h (Σ_i a_i x_i) + b_v,h`` because the
+    weights of a non-empty set sum to 1. So pooling costs ``O(N·D·H·Q)`` instead of the ``O(N·D²)`` of projecting
+    every element, and packed input runs on the fused kernels of :mod:`attnpool.kernels`. Both paths agree to
+    float64 precision, gradients included.
 
     Shapes:
         * input: ``[B, L, D]`` + ``mask [B, L]`` (True = keep), ``[N, D]`` + ``offsets [B+1]`` or ``lengths [B]``,
@@ -77,6 +86,7 @@ class AttentionPool(SetPool):
         temperature: float = 1.0,
         learn_temperature: bool = False,
         dropout: float = 0.0,
+        fold: bool | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -102,6 +112,9 @@ class AttentionPool(SetPool):
 
         self.dim, self.num_queries, self.num_heads, self.query_dim = dim, num_queries, num_heads, query_dim
         self.dropout = dropout
+        if fold and (not isinstance(score, str) or score not in ("scaled_dot", "dot")):
+            raise ValueError(f"fold: folding the projections onto the query needs a dot score, got score={score!r}")
+        self.fold = fold
         self.query = nn.Parameter(torch.empty(num_queries, query_dim, **kw)) if num_queries else None
         self.query_proj = nn.Linear(query_dim, dim, bias=bias, **kw) if query_proj else None
         self.key_proj = nn.Linear(dim, dim, bias=bias, **kw) if key_proj else None
@@ -153,19 +166,64 @@ class AttentionPool(SetPool):
             raise ValueError(f"query: {type(self).__name__}(num_queries=0) needs a query at call time")
         if self.query_proj is not None:
             q = self.query_proj(q)
-        x = sets.values
-        keys = self.key_proj(x) if self.key_proj is not None else x
-        values = self.value_proj(x) if self.value_proj is not None else x
-        out, weights = attention_pool_sets(
-            sets, q, keys, values, num_heads=self.num_heads, score=self.score, scale=self.scale,
-            temperature=self.temperature if isinstance(self.log_temperature, nn.Parameter)
-            else self.initial_temperature,
-            dropout=self.dropout, training=self.training, need_weights=need_weights,
-        )
-        out = out.to(values.dtype)
+        temperature = self.temperature if isinstance(self.log_temperature, nn.Parameter) else self.initial_temperature
+        if self._use_folded(q.shape[1]):
+            out, weights = self._pool_folded(sets, q, temperature, need_weights)
+        else:
+            x = sets.values
+            keys = self.key_proj(x) if self.key_proj is not None else x
+            values = self.value_proj(x) if self.value_proj is not None else x
+            out, weights = attention_pool_sets(
+                sets, q, keys, values, num_heads=self.num_heads, score=self.score, scale=self.scale,
+                temperature=temperature, dropout=self.dropout, training=self.training, need_weights=need_weights,
+            )
+            out = out.to(values.dtype)
         if self.out_proj is not None:
             out = self.out_proj(out)
         return (out.squeeze(1) if squeeze else out), weights
+
+    def _use_folded(self, num_queries: int) -> bool:
+        if self.fold is not None:
+            return self.fold
+        projected = self.key_proj is not None or self.value_proj is not None
+        return self.score is None and projected and self.num_heads * num_queries <= self.dim
+
+    def _pool_folded(self, sets: Sets, q: Tensor, temperature: float | Tensor,
+                     need_weights: bool) -> tuple[Tensor, Tensor | None]:
+        """Pool without projecting a single element (exact; see the class docstring).
+
+        Each (head, query) becomes one full-width query ``W_k,hᵀ q_h`` over the raw elements; the pooled raw
+        vectors ``z_hq = Σ_i a_hqi x_i`` are then projected once: ``W_v,h z_hq + b_v,h``.
+        """
+        g, nq, _ = q.shape
+        h, dh, d = self.num_heads, self.dim // self.num_heads, self.dim
+        qh = q.reshape(g, nq, h, dh)
+        if self.key_proj is not None:
+            # q_h · (W_k,h x + b_k,h) = (W_k,hᵀ q_h) · x + const; the softmax cancels the constant.
+            folded = torch.einsum("gqhe,hed->ghqd", qh, self.key_proj.weight.view(h, dh, d))
+        else:
+            folded = torch.zeros(g, h, nq, h, dh, dtype=q.dtype, device=q.device)
+            folded[:, torch.arange(h), :, torch.arange(h)] = qh.permute(2, 0, 1, 3)
+            folded = folded.reshape(g, h, nq, d)
+        scale = self.scale if self.scale is not None else dh**-0.5
+        z, weights = attention_pool_sets(
+            sets, folded.reshape(g, h * nq, d), num_heads=1, scale=scale, temperature=temperature,
+            dropout=self.dropout, training=self.training, need_weights=need_weights,
+        )
+        b = sets.batch_size
+        z = z.to(q.dtype).view(b, h, nq, d)
+        if self.value_proj is not None:
+            # Σ a_i (W_v x_i + b_v) = W_v Σ a_i x_i + b_v, as the weights of a non-empty set sum to 1; the base
+            # class zeroes empty sets afterwards.
+            out = torch.einsum("bhqd,hed->bqhe", z, self.value_proj.weight.view(h, dh, d))
+            if self.value_proj.bias is not None:
+                out = out + self.value_proj.bias.view(h, dh)
+        else:
+            out = z.view(b, h, nq, h, dh).diagonal(dim1=1, dim2=3).permute(0, 1, 3, 2)
+        if weights is not None:
+            # [B, 1, H*Q, L] -> [B, H, Q, L] padded; [N, 1, H*Q] -> [N, H, Q] packed
+            weights = weights.view(weights.shape[0], h, nq, *weights.shape[3:])
+        return out.reshape(b, nq, d), weights
 
     def extra_repr(self) -> str:
         parts = [f"dim={self.dim}", f"num_queries={self.num_queries}", f"num_heads={self.num_heads}"]

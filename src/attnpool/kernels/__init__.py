@@ -1,0 +1,92 @@
+"""Kernels for the one primitive that every dot-product attention pool reduces to (see :mod:`.reference`).
+
+Backends:
+
+* ``"reference"``: eager torch ops, readable; the ground truth in tests.
+* ``"cpu"``: a fused single-pass (online-softmax) C++ kernel for packed input on the CPU.
+* ``"triton"``: a fused Triton kernel for packed input on CUDA devices.
+
+The dispatcher picks the fastest available backend for the input's device. One switch overrides it: the
+``ATTNPOOL_KERNEL`` environment variable, or :func:`use_kernel` (a context manager) /
+:func:`set_kernel`, with one of the names above or ``"auto"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from collections.abc import Callable, Iterator
+
+from torch import Tensor
+
+__all__ = ["available_kernels", "get_kernel", "segment_attention_pool", "set_kernel", "use_kernel"]
+
+KernelFn = Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
+_NAMES = ("reference", "cpu", "triton")
+_choice: str = os.environ.get("ATTNPOOL_KERNEL", "auto")
+_loaded: dict[str, KernelFn | None] = {}
+
+
+def _load(name: str) -> KernelFn | None:
+    """The backend's function, or None when it cannot run here (no compiler, no triton)."""
+    if name not in _loaded:
+        module = {"reference": "reference", "cpu": "cpu", "triton": "triton_pool"}[name]
+        try:
+            mod = importlib.import_module(f"attnpool.kernels.{module}")
+        except ImportError:
+            _loaded[name] = None
+        else:
+            ok = getattr(mod, "is_available", lambda: True)()
+            _loaded[name] = mod.segment_attention_pool if ok else None
+    return _loaded[name]
+
+
+def available_kernels() -> list[str]:
+    """The backends that can run on this machine."""
+    return [n for n in _NAMES if _load(n) is not None]
+
+
+def _check_name(name: str) -> str:
+    if name not in (*_NAMES, "auto"):
+        raise ValueError(f"kernel: expected one of {(*_NAMES, 'auto')}, got {name!r}")
+    return name
+
+
+def set_kernel(name: str) -> None:
+    """Force a backend for every later call (``"auto"`` restores the automatic choice)."""
+    global _choice
+    _choice = _check_name(name)
+
+
+@contextlib.contextmanager
+def use_kernel(name: str) -> Iterator[None]:
+    """Force a backend inside a ``with`` block."""
+    global _choice
+    previous, _choice = _choice, _check_name(name)
+    try:
+        yield
+    finally:
+        _choice = previous
+
+
+def get_kernel(device_type: str) -> tuple[str, KernelFn]:
+    """The backend that runs for tensors on ``device_type``: the forced one, else the fastest available."""
+    choice = _check_name(_choice)
+    if choice != "auto":
+        fn = _load(choice)
+        if fn is None:
+            raise RuntimeError(f"kernel {choice!r} was forced (ATTNPOOL_KERNEL or set_kernel) but cannot run here")
+        return choice, fn
+    preferred = {"cuda": ("triton",), "cpu": ("cpu",)}.get(device_type, ())
+    for name in (*preferred, "reference"):
+        fn = _load(name)
+        if fn is not None:
+            return name, fn
+    raise AssertionError("the reference kernel always loads")
+
+
+def segment_attention_pool(x: Tensor, offsets: Tensor, query: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Dispatch the primitive of :mod:`.reference` to the chosen backend."""
+    _, fn = get_kernel(x.device.type)
+    return fn(x, offsets, query, scale)

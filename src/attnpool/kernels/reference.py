@@ -1,0 +1,47 @@
+"""The reference kernel: the contract every fused kernel is tested against.
+
+``segment_attention_pool(x, offsets, query, scale)`` pools packed sets with dot-product scores over the full
+feature dim::
+
+    out[b, m] = sum_{i in set b} softmax_i(scale * x_i . query[g(b), m]) * x_i      (0 for an empty set)
+    lse[b, m] = log sum_{i in set b} exp(scale * x_i . query[g(b), m])              (-inf for an empty set)
+
+with ``g(b) = 0`` when ``query`` has a leading dim of 1 and ``b`` otherwise. Every attention pool with a dot score
+and linear key/value projections reduces to this (the projections fold onto the query and the output, see
+:mod:`attnpool.nn.attention_pool`), so this one primitive is what the fused CPU and Triton kernels implement.
+
+Shapes: ``x [N, D]``, ``offsets [B+1]`` int64, ``query [1 or B, M, D]`` -> ``out [B, M, D]`` in ``x.dtype``,
+``lse [B, M]`` float32 (float64 for double input). The weights of element ``i`` are ``exp(scale * x_i . q - lse)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnpool._sets import segment_ids
+from attnpool.functional.softmax import compute_dtype
+
+__all__ = ["segment_attention_pool"]
+
+
+def segment_attention_pool(x: Tensor, offsets: Tensor, query: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    cdt = compute_dtype(x.dtype)
+    n, _ = x.shape
+    b = offsets.shape[0] - 1
+    lengths = offsets[1:] - offsets[:-1]
+    seg = segment_ids(lengths, n)
+    xc, qc = x.to(cdt), query.to(cdt)
+    if qc.shape[0] == 1:
+        logits = (xc @ qc[0].T) * scale  # [N, M]
+    else:
+        logits = torch.einsum("nd,nmd->nm", xc, qc[seg]) * scale
+    m = logits.new_full((b, logits.shape[1]), float("-inf"))
+    m = m.scatter_reduce(0, seg.unsqueeze(1).expand_as(logits), logits.detach(), "amax", include_self=True)
+    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(logits - shift[seg])
+    total = logits.new_zeros(b, logits.shape[1]).index_add(0, seg, e)
+    w = e / torch.where(total > 0, total, torch.ones_like(total))[seg]
+    out = xc.new_zeros(b, logits.shape[1], x.shape[1]).index_add(0, seg, w.unsqueeze(-1) * xc.unsqueeze(1))
+    lse = torch.log(total) + shift
+    return out.to(x.dtype), lse
