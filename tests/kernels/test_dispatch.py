@@ -1,0 +1,77 @@
+"""The kernel dispatcher, and the engine's kernel path checked against the eager path."""
+
+import pytest
+import torch
+
+import attnpool.kernels as kernels
+from attnpool.functional import attention_pool
+from attnpool.kernels import reference
+from attnpool.nn import AttentionPool
+from tests.conftest import make_batch
+
+
+@pytest.fixture
+def reference_as_fused(monkeypatch):
+    """Serve the reference kernel under the name of the fused CPU kernel, so that the engine's kernel path (query
+    scaling, weights rebuilt from the log-sum-exp) runs whatever compiler this machine has."""
+    monkeypatch.setitem(kernels._loaded, "cpu", reference.segment_attention_pool)
+    with kernels.use_kernel("cpu"):
+        yield
+
+
+def test_reference_kernel_matches_the_engine_and_reports_lse():
+    batch = make_batch([3, 0, 1, 6], 5)
+    q = torch.randn(4, 2, 5, dtype=torch.float64)
+    out, lse = reference.segment_attention_pool(batch.packed, batch.offsets, q, 0.3)
+    torch.testing.assert_close(out, attention_pool(batch.packed, q, offsets=batch.offsets, scale=0.3),
+                               rtol=0, atol=1e-14)
+    for b, s in enumerate(batch.sets):
+        expected = torch.logsumexp(0.3 * s @ q[b].T, 0) if s.shape[0] else torch.full((2,), -torch.inf).double()
+        torch.testing.assert_close(lse[b], expected, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("query_rows", [1, 4])
+def test_engine_kernel_path_equals_eager_path(reference_as_fused, query_rows):
+    batch = make_batch([3, 0, 1, 6], 5)
+    q = torch.randn(query_rows, 2, 5, dtype=torch.float64)
+    t = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    x = batch.packed.clone().requires_grad_()
+    fused = attention_pool(x, q, offsets=batch.offsets, temperature=t)
+    fused.sum().backward()
+    fused_grads = x.grad.clone(), t.grad.clone()
+    x.grad, t.grad = None, None
+    with torch.no_grad():
+        fused_out, fused_w = attention_pool(x, q, offsets=batch.offsets, temperature=t, return_weights=True)
+    with kernels.use_kernel("reference"):
+        eager = attention_pool(x, q, offsets=batch.offsets, temperature=t)
+        eager.sum().backward()
+        eager_w = attention_pool(x, q, offsets=batch.offsets, temperature=t, return_weights=True)[1]
+    torch.testing.assert_close(fused, eager, rtol=0, atol=1e-14)
+    torch.testing.assert_close(fused_out, eager.detach(), rtol=0, atol=1e-14)
+    torch.testing.assert_close(fused_w, eager_w, rtol=0, atol=1e-14)
+    torch.testing.assert_close(fused_grads[0], x.grad, rtol=0, atol=1e-14)
+    torch.testing.assert_close(fused_grads[1], t.grad, rtol=0, atol=1e-14)
+
+
+def test_folded_module_runs_on_the_kernel(reference_as_fused, monkeypatch):
+    calls = []
+    monkeypatch.setitem(kernels._loaded, "cpu", lambda *a: calls.append(1) or reference.segment_attention_pool(*a))
+    pool = AttentionPool(8, 2, 2, key_proj=True, value_proj=True, dtype=torch.float64)
+    batch = make_batch([4, 0, 2], 8)
+    out = pool(batch.packed, offsets=batch.offsets)
+    assert calls, "the folded packed path should use the fused kernel"
+    with kernels.use_kernel("reference"):
+        torch.testing.assert_close(out, pool(batch.packed, offsets=batch.offsets), rtol=0, atol=1e-13)
+
+
+def test_overrides_and_errors(monkeypatch):
+    before = kernels._choice
+    assert "reference" in kernels.available_kernels()
+    with pytest.raises(ValueError, match="kernel: expected one of .* got 'fastest'"):
+        kernels.set_kernel("fastest")
+    monkeypatch.setitem(kernels._loaded, "triton", None)
+    with kernels.use_kernel("triton"), pytest.raises(RuntimeError, match="'triton' was forced"):
+        kernels.get_kernel("cpu")
+    with kernels.use_kernel("reference"):
+        assert kernels.get_kernel("cpu")[0] == "reference"
+    assert kernels._choice == before
