@@ -81,7 +81,11 @@ class Sets:
     def segment_ids(self) -> Tensor:
         """Packed only: ``[N]`` int64, the set each element belongs to."""
         assert self.offsets is not None
-        return segment_ids(self.lengths, self.values.shape[0])
+        cached = self.__dict__.get("_segment_ids")
+        if cached is None:
+            cached = segment_ids(self.lengths, self.values.shape[0])
+            object.__setattr__(self, "_segment_ids", cached)  # frozen dataclass: a memo, not state
+        return cached
 
     def keep_mask(self) -> Tensor:
         """Padded only: ``[B, L]`` bool, all True when the caller gave no mask."""

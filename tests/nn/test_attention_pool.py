@@ -42,11 +42,13 @@ def test_matches_float64_reference_in_every_form(score, num_queries, num_heads, 
     expected, expected_w = reference_module(pool, batch.sets)
     if num_queries == 1:
         expected = expected.squeeze(1)
-    for out, w in forms(pool, batch, return_weights=True):
+    (_, w_padded), (_, w_packed), (_, w_list) = results = forms(pool, batch, return_weights=True)
+    for out, _ in results:
         torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
-    assert w[0].shape == (num_heads, num_queries, 3)
+    assert w_list[0].shape == (num_heads, num_queries, 3)
+    torch.testing.assert_close(w_padded.permute(0, 3, 1, 2)[batch.mask], w_packed, rtol=0, atol=1e-12)
     for b, wb in enumerate(expected_w):
-        torch.testing.assert_close(w[b], wb, rtol=0, atol=1e-10)
+        torch.testing.assert_close(w_list[b], wb, rtol=0, atol=1e-10)
 
 
 def test_empty_set_is_zero_even_with_output_bias():
@@ -225,5 +227,5 @@ def test_fold_is_automatic_only_where_exact_and_cheaper():
     assert not AttentionPool(64, 2, 4)._use_folded(2)  # nothing to fold
     assert not AttentionPool(8, 4, 4, key_proj=True)._use_folded(4)  # H*Q = 16 > D = 8: projecting is cheaper
     assert not AttentionPool(64, 1, 1, key_proj=True, score="additive")._use_folded(1)
-    with pytest.raises(ValueError, match="fold: .* dot score"):
+    with pytest.raises(ValueError, match=r"fold: .* dot score"):
         AttentionPool(8, score="additive", fold=True)

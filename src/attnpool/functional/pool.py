@@ -95,12 +95,12 @@ def weighted_sum_sets(sets: Sets, weights: Tensor, values: Tensor) -> Tensor:
     if sets.is_padded:
         b, h, q, l = weights.shape
         v = values.reshape(b, l, h, values.shape[-1] // h)
-        return torch.einsum("bhql,blhd->bqhd", weights, v).reshape(b, q, -1)
+        return torch.einsum("bhql,blhd->bqhd", weights, v).reshape(b, q, values.shape[-1])
     n, h, q = weights.shape
     v = values.reshape(n, h, 1, values.shape[-1] // h)
     out = v.new_zeros(sets.batch_size, h, q, v.shape[-1])
     out = out.index_add(0, sets.segment_ids(), weights.unsqueeze(-1) * v)
-    return out.transpose(1, 2).reshape(sets.batch_size, q, -1)
+    return out.transpose(1, 2).reshape(sets.batch_size, q, values.shape[-1])
 
 
 def format_weights(sets: Sets, weights: Tensor) -> Weights:
@@ -142,7 +142,9 @@ def check_temperature(temperature: float | Tensor) -> None:
     if isinstance(temperature, Tensor):
         if temperature.numel() != 1:
             raise ValueError(f"temperature: expected a scalar, got shape {tuple(temperature.shape)}")
-    elif not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
+    # `0 < T < inf` rather than math.isfinite: the same test (NaN fails it), and traceable when torch.compile
+    # (dynamic=True) passes T as a symbolic float, on which math.isfinite breaks the graph.
+    elif not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
         raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
 
 
@@ -150,8 +152,9 @@ def _fused_kernel(sets: Sets, keys: Tensor, values: Tensor, score: ScoreFn, num_
                   training: bool, need_weights: bool, query: Tensor) -> KernelFn | None:
     """The fused kernel to use, or None for the eager path: kernels cover packed sets, one head, a dot score over
     keys that are the values, and no dropout; weights that must carry gradients come from the eager path."""
-    if (sets.is_padded or score is not dot_score or keys is not values or num_heads != 1
-            or (dropout > 0 and training) or sets.values.shape[0] == 0):
+    if (sets.is_padded or score is not dot_score or keys is not sets.values or values is not sets.values
+            or num_heads != 1
+            or (dropout > 0 and training) or sets.values.shape[0] == 0 or query.shape[1] == 0):
         return None
     if need_weights and torch.is_grad_enabled() and (values.requires_grad or query.requires_grad):
         return None

@@ -4,18 +4,28 @@ from attnpool.nn.attention_pool import AttentionPool
 from attnpool.nn.base import SetPool, register_weights_hook
 from attnpool.nn.baselines import ClsPool, LastTokenPool, MaxPool, MeanPool, SumPool
 from attnpool.nn.gated_attention_pool import GatedAttentionPool
+from attnpool.nn.latent_cross_attention import LatentCrossAttention
+from attnpool.nn.map_head import MAPHead
 from attnpool.nn.scores import AdditiveScore, BilinearScore
+from attnpool.nn.set_transformer import ISAB, MAB, PMA, SAB, SetToSet
 
 __all__ = [
+    "ISAB",
+    "MAB",
+    "PMA",
+    "SAB",
     "AdditiveScore",
     "AttentionPool",
     "BilinearScore",
     "ClsPool",
     "GatedAttentionPool",
     "LastTokenPool",
+    "LatentCrossAttention",
+    "MAPHead",
     "MaxPool",
     "MeanPool",
     "SetPool",
+    "SetToSet",
     "SumPool",
     "register_weights_hook",
 ]

@@ -185,6 +185,9 @@ class AttentionPool(SetPool):
     def _use_folded(self, num_queries: int) -> bool:
         if self.fold is not None:
             return self.fold
+        if self.training and self.dropout > 0:
+            # dropped weights no longer sum to 1, so b_v would not factor out of the sum exactly
+            return False
         projected = self.key_proj is not None or self.value_proj is not None
         return self.score is None and projected and self.num_heads * num_queries <= self.dim
 
