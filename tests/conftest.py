@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import Tensor
+
+# Triton reads TRITON_INTERPRET once, at its first import: set it before anything imports triton, so that without a
+# GPU the Triton kernels run (slowly, for correctness) in its interpreter on the CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @dataclass

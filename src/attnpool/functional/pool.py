@@ -158,7 +158,7 @@ def _fused_kernel(sets: Sets, keys: Tensor, values: Tensor, score: ScoreFn, num_
         return None
     if need_weights and torch.is_grad_enabled() and (values.requires_grad or query.requires_grad):
         return None
-    name, fn = get_kernel(sets.values.device.type)
+    name, fn = get_kernel(sets.values.device.type, sets.values.dtype)
     return None if name == "reference" else fn
 
 

@@ -18,6 +18,7 @@ import importlib
 import os
 from collections.abc import Callable, Iterator
 
+import torch
 from torch import Tensor
 
 __all__ = ["available_kernels", "get_kernel", "segment_attention_pool", "set_kernel", "use_kernel"]
@@ -70,15 +71,16 @@ def use_kernel(name: str) -> Iterator[None]:
         _choice = previous
 
 
-def get_kernel(device_type: str) -> tuple[str, KernelFn]:
-    """The backend that runs for tensors on ``device_type``: the forced one, else the fastest available."""
+def get_kernel(device_type: str, dtype: torch.dtype = torch.float32) -> tuple[str, KernelFn]:
+    """The backend that runs for tensors on ``device_type``: the forced one, else the fastest available for it
+    (float64 on CUDA goes to the reference: the Triton kernel computes in float32)."""
     choice = _check_name(_choice)
     if choice != "auto":
         fn = _load(choice)
         if fn is None:
             raise RuntimeError(f"kernel {choice!r} was forced (ATTNPOOL_KERNEL or set_kernel) but cannot run here")
         return choice, fn
-    preferred = {"cuda": ("triton",), "cpu": ("cpu",)}.get(device_type, ())
+    preferred = {"cuda": ("triton",) if dtype != torch.float64 else (), "cpu": ("cpu",)}.get(device_type, ())
     for name in (*preferred, "reference"):
         fn = _load(name)
         if fn is not None:
@@ -88,5 +90,5 @@ def get_kernel(device_type: str) -> tuple[str, KernelFn]:
 
 def segment_attention_pool(x: Tensor, offsets: Tensor, query: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Dispatch the primitive of :mod:`.reference` to the chosen backend."""
-    _, fn = get_kernel(x.device.type)
+    _, fn = get_kernel(x.device.type, x.dtype)
     return fn(x, offsets, query, scale)
