@@ -41,3 +41,17 @@ def test_no_weights_are_computed_without_a_hook(monkeypatch):
     with register_weights_hook(lambda *a: None):
         pool(batch.sets)
     assert captured["need"] is True
+
+
+def test_hook_restricted_to_some_modules_leaves_the_others_weightless():
+    watched, other = AttentionPool(4), AttentionPool(4)
+    batch = make_batch([3, 2], 4, dtype=torch.float32)
+    seen = []
+    with register_weights_hook(lambda module, weights, sets: seen.append(module), modules=[watched]):
+        other(batch.sets)
+        watched(batch.sets)
+        needs = []
+        original = AttentionPool.pool
+        other.pool = lambda sets, query, need: needs.append(need) or original(other, sets, query, need)
+        other(batch.sets)
+    assert seen == [watched] and needs == [False]

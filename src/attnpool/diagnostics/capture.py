@@ -142,7 +142,7 @@ class Recording:
         if self._handle is not None:
             raise RuntimeError("Recording.start: this recording is already active")
         self._names = {} if self.model is None else {id(m): n for n, m in self.model.named_modules()}
-        self._handle = register_weights_hook(self._hook)
+        self._handle = register_weights_hook(self._hook, None if self.model is None else self.model.modules())
         return self
 
     def stop(self) -> None:

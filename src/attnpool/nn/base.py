@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -12,10 +12,11 @@ from torch import Tensor, nn
 from attnpool._sets import Sets, as_sets
 from attnpool.functional.pool import format_weights
 
-__all__ = ["SetPool", "register_weights_hook"]
+__all__ = ["SetPool", "call_weights_hooks", "register_weights_hook", "weights_hooks"]
 
 WeightsHook = Callable[[nn.Module, Tensor, Sets], None]
-_WEIGHTS_HOOKS: dict[int, WeightsHook] = {}
+# key -> (hook, ids of the modules it watches, or None for every module)
+_WEIGHTS_HOOKS: dict[int, tuple[WeightsHook, frozenset[int] | None]] = {}
 _HOOK_KEYS = itertools.count()
 
 
@@ -33,16 +34,32 @@ class _HookHandle:
         self.remove()
 
 
-def register_weights_hook(hook: WeightsHook) -> _HookHandle:
-    """Call ``hook(module, weights, sets)`` after every forward of every attnpool attention module.
+def register_weights_hook(hook: WeightsHook, modules: Iterable[nn.Module] | None = None) -> _HookHandle:
+    """Call ``hook(module, weights, sets)`` after every forward of an attnpool attention module.
 
     ``weights`` is in the internal layout (``[B, H, Q, L]`` padded, ``[N, H, Q]`` packed) and ``sets`` describes
-    the batch (:class:`attnpool._sets.Sets`). While no hook is registered, modules skip all of this work. Returns a
-    handle with ``remove()``, usable as a context manager.
+    the batch (:class:`attnpool._sets.Sets`). With ``modules`` (e.g. ``model.modules()``), only those modules are
+    watched; the others keep skipping the weights. A module with no hook watching it computes no weights at all.
+    Returns a handle with ``remove()``, usable as a context manager.
     """
     key = next(_HOOK_KEYS)
-    _WEIGHTS_HOOKS[key] = hook
+    _WEIGHTS_HOOKS[key] = (hook, None if modules is None else frozenset(id(m) for m in modules))
     return _HookHandle(key)
+
+
+def weights_hooks(module: nn.Module) -> list[WeightsHook]:
+    """The hooks watching ``module`` (empty, and nearly free, when none is registered)."""
+    if not _WEIGHTS_HOOKS:
+        return []
+    return [hook for hook, ids in list(_WEIGHTS_HOOKS.values()) if ids is None or id(module) in ids]
+
+
+def call_weights_hooks(module: nn.Module, weights: Tensor | None, sets: Sets,
+                       hooks: list[WeightsHook] | None = None) -> None:
+    """Tell the hooks watching ``module`` about ``weights`` (internal layout of ``sets``)."""
+    if weights is not None:
+        for hook in weights_hooks(module) if hooks is None else hooks:
+            hook(module, weights, sets)
 
 
 def zero_empty(out: Tensor, sets: Sets) -> Tensor:
@@ -90,12 +107,10 @@ class SetPool(nn.Module):
             raise TypeError(f"query: {type(self).__name__} takes no call-time query")
         if return_weights and not self.has_weights:
             raise TypeError(f"return_weights: {type(self).__name__} computes no attention weights")
-        need = return_weights or (self.has_weights and bool(_WEIGHTS_HOOKS))
-        out, weights = self.pool(sets, query, need)
+        hooks = weights_hooks(self) if self.has_weights else []
+        out, weights = self.pool(sets, query, return_weights or bool(hooks))
         out = zero_empty(out, sets)
-        if weights is not None:
-            for hook in list(_WEIGHTS_HOOKS.values()):
-                hook(self, weights, sets)
+        call_weights_hooks(self, weights, sets, hooks)
         if return_weights:
             assert weights is not None
             return out, format_weights(sets, weights)

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from attnpool._sets import Sets, as_sets
 from attnpool.functional.pool import attention_pool_sets, format_weights
 from attnpool.nn.attention_pool import AttentionPool
-from attnpool.nn.base import _WEIGHTS_HOOKS, SetPool, zero_empty
+from attnpool.nn.base import SetPool, call_weights_hooks, weights_hooks, zero_empty
 
 __all__ = ["ISAB", "MAB", "PMA", "SAB", "SetToSet"]
 
@@ -158,14 +158,6 @@ def dense_sets(values: Tensor) -> Sets:
     """``[B, M, D]`` with every position kept, as padded :class:`Sets`."""
     b, m = values.shape[:2]
     return Sets("padded", values, None, None, torch.full((b,), m, dtype=torch.long, device=values.device))
-
-
-def call_weights_hooks(module: nn.Module, weights: Tensor | None, sets: Sets) -> None:
-    """Tell the observers of :func:`attnpool.nn.register_weights_hook` about ``weights`` (internal layout of
-    ``sets``)."""
-    if weights is not None:
-        for hook in list(_WEIGHTS_HOOKS.values()):
-            hook(module, weights, sets)
 
 
 def check_query3(query: Tensor, sets: Sets, dim: int, name: str = "x") -> Tensor:
@@ -313,7 +305,7 @@ class MAB(nn.Module):
     ) -> Any:
         sets = as_sets(y, mask=mask, offsets=offsets, lengths=lengths).zero_masked()
         q = check_query3(x, sets, self.query_dim)
-        out, weights = self.attend(q, sets, return_weights or bool(_WEIGHTS_HOOKS))
+        out, weights = self.attend(q, sets, return_weights or bool(weights_hooks(self)))
         out = zero_empty(out, sets)
         call_weights_hooks(self, weights, sets)
         if return_weights:
@@ -472,7 +464,7 @@ class SetToSet(nn.Module):
         if return_weights and sets.layout == "packed" and not self.packed_weights:
             raise TypeError(f"return_weights: {type(self).__name__} has no packed layout for its weights; pass the "
                             "sets as a list of tensors (weights: a list of [H, L_i, L_i]) or padded")
-        out, weights, weight_sets = self.transform(sets, return_weights or bool(_WEIGHTS_HOOKS))
+        out, weights, weight_sets = self.transform(sets, return_weights or bool(weights_hooks(self)))
         if sets.mask is not None:
             out = torch.where(sets.mask.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
         call_weights_hooks(self, weights, weight_sets)
