@@ -1,6 +1,7 @@
 """The ``attnpool`` command. Subcommands are thin: each parses its flags and calls a library function.
 
     attnpool demo [--part text|mil|all] [--seed N] [--epochs N] [--splits N] [--temperature T] [--threads N]
+    attnpool report CAPTURE [--out DIR] [--no-html] [--no-png]
 
 A new subcommand is a function ``_add_NAME(subparsers)`` that registers its parser with ``func=`` set, listed in
 ``SUBCOMMANDS``.
@@ -58,7 +59,17 @@ def _add_demo(sub: Subparsers) -> None:
     p.set_defaults(func=_run_demo)
 
 
-SUBCOMMANDS: list[Callable[[Subparsers], None]] = [_add_demo]
+def _add_report(sub: Subparsers) -> None:
+    from attnpool.diagnostics import report
+
+    p = sub.add_parser("report", help="diagnose the attention weights of a saved capture (JSON, Markdown, HTML)",
+                       description="Signals and alerts for a capture written by attnpool.diagnostics "
+                                   "Recording.save. Exit code 1 on a critical alert (leakage, unnormalized weights).")
+    report.add_arguments(p)
+    p.set_defaults(func=report.run)
+
+
+SUBCOMMANDS: list[Callable[[Subparsers], None]] = [_add_demo, _add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -118,3 +118,13 @@ def test_importing_diagnostics_and_compare_loads_no_optional_dependency():
             "print(sorted(new & {'matplotlib', 'tqdm', 'PIL', 'scipy', 'pandas'}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert proc.stdout.strip() == "[]"
+
+
+def test_attnpool_report_subcommand(recording, tmp_path, capsys):
+    from attnpool.cli import main as attnpool_main
+
+    recording.save(tmp_path / "cap.pt")
+    assert attnpool_main(["report", str(tmp_path / "cap.pt"), "--out", str(tmp_path / "r"), "--no-png",
+                          "--no-html"]) == 0
+    assert "collapse.uniform" in capsys.readouterr().out
+    assert (tmp_path / "r" / "report.json").exists()
