@@ -134,6 +134,17 @@ class Sets:
         return out
 
 
+def _holds(cond: Tensor, what: str) -> bool:
+    """Whether the 0-d bool tensor ``cond`` is True. The checks below read tensor values on the host, in eager mode
+    and under ``torch.compile`` (where the read is one graph break). ``torch.export`` cannot read a value it traces,
+    so there the check becomes a run-time assertion in the exported program (which raises ``RuntimeError: what``
+    rather than the detailed ``ValueError``)."""
+    if torch.compiler.is_exporting():
+        torch._assert_async(cond, what)
+        return True
+    return bool(cond)
+
+
 def _check_mask(mask: Tensor, values: Tensor) -> Tensor:
     if not isinstance(mask, Tensor):
         raise TypeError(f"mask: expected a bool tensor [B, L] (True = keep), got {_describe(mask)}")
@@ -148,7 +159,7 @@ def _check_mask(mask: Tensor, values: Tensor) -> Tensor:
     if mask.device != values.device:
         raise ValueError(f"mask: expected device {values.device}, got {mask.device}")
     if mask.dtype != torch.bool:
-        if not bool(((mask == 0) | (mask == 1)).all()):
+        if not _holds(((mask == 0) | (mask == 1)).all(), "mask: an integer mask must hold only 0 and 1"):
             raise ValueError("mask: an integer mask must hold only 0 and 1 (1 = keep); got other values")
         mask = mask.bool()
     return mask
@@ -170,18 +181,27 @@ def check_offsets(offsets: Tensor, n: int, device: torch.device) -> tuple[Tensor
     offs = _check_lengths(offsets, "offsets", device)
     if offs.shape[0] < 1:
         raise ValueError("offsets: expected shape [B+1] with B >= 0, got an empty tensor")
-    if int(offs[0]) != 0:
-        raise ValueError(f"offsets: expected offsets[0] == 0, got {int(offs[0])}")
-    if int(offs[-1]) != n:
-        raise ValueError(f"offsets: expected offsets[-1] == N = {n} (the number of packed rows), got {int(offs[-1])}")
     lens = offsets_to_lengths(offs)
-    if bool((lens < 0).any()):
+    # One host sync for the three checks (and one graph break under torch.compile, not three); the values that the
+    # messages quote are read only on failure.
+    if not _holds((offs[0] == 0) & (offs[-1] == n) & (lens >= 0).all(),
+                  "offsets: expected 0 = offsets[0] <= ... <= offsets[-1] = N"):
+        if int(offs[0]) != 0:
+            raise ValueError(f"offsets: expected offsets[0] == 0, got {int(offs[0])}")
+        if int(offs[-1]) != n:
+            raise ValueError(f"offsets: expected offsets[-1] == N = {n} (the number of packed rows), "
+                             f"got {int(offs[-1])}")
         raise ValueError(f"offsets: expected non-decreasing offsets, got {offs.tolist()}")
     return offs, lens
 
 
 def segment_ids(lengths: Tensor, n: int) -> Tensor:
     """``[N]`` int64: the set each packed row belongs to, from ``[B]`` lengths summing to ``n``."""
+    if torch.compiler.is_exporting():
+        # ONNX has no repeat_interleave with output_size: count, for every row, the set ends at or before it.
+        ends = torch.cumsum(lengths, 0)
+        marks = torch.zeros(n + 1, dtype=torch.long, device=lengths.device).index_add(0, ends, torch.ones_like(ends))
+        return marks[:n].cumsum(0)
     return torch.repeat_interleave(torch.arange(lengths.shape[0], device=lengths.device), lengths, output_size=n)
 
 
@@ -235,7 +255,7 @@ def as_sets(
             lens = _check_lengths(lengths, "lengths", values.device)
             if lens.shape[0] != b:
                 raise ValueError(f"lengths: expected shape [B] = [{b}], got {tuple(lens.shape)}")
-            if bool(((lens < 0) | (lens > l)).any()):
+            if not _holds(((lens >= 0) & (lens <= l)).all(), "lengths: expected values in [0, L]"):
                 raise ValueError(f"lengths: expected values in [0, L] = [0, {l}], got {lens.tolist()}")
             keep = torch.arange(l, device=values.device) < lens[:, None]
             return Sets("padded", values, keep, None, lens)
@@ -253,11 +273,11 @@ def as_sets(
                              "offsets [B+1] or lengths [B]")
         if lengths is not None:
             lens = _check_lengths(lengths, "lengths", values.device)
-            if bool((lens < 0).any()):
-                raise ValueError(f"lengths: expected non-negative lengths, got {lens.tolist()}")
-            total = int(lens.sum())
-            if total != n:
-                raise ValueError(f"lengths: expected lengths that sum to N = {n}, got a sum of {total}")
+            # one host sync (one graph break) for both checks
+            if not _holds((lens >= 0).all() & (lens.sum() == n), "lengths: expected lengths >= 0 that sum to N"):
+                if bool((lens < 0).any()):
+                    raise ValueError(f"lengths: expected non-negative lengths, got {lens.tolist()}")
+                raise ValueError(f"lengths: expected lengths that sum to N = {n}, got a sum of {int(lens.sum())}")
             return Sets("packed", values, None, lengths_to_offsets(lens), lens)
         assert offsets is not None
         offs, lens = check_offsets(offsets, n, values.device)

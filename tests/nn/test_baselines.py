@@ -51,3 +51,11 @@ def test_gradients_finite_with_nan_padding(module):
 def test_baselines_return_no_weights():
     with pytest.raises(TypeError, match="return_weights: MeanPool computes no attention weights"):
         MeanPool()(torch.randn(2, 3, 4), return_weights=True)
+
+
+def test_empty_batch_of_padded_sets():
+    from attnpool.nn import AttentionPool, GatedAttentionPool
+
+    x, mask = torch.randn(0, 3, 4), torch.ones(0, 3, dtype=torch.bool)
+    for module in (AttentionPool(4), GatedAttentionPool(4), MeanPool(), MaxPool(), ClsPool(), LastTokenPool()):
+        assert module(x, mask).shape == (0, 4)

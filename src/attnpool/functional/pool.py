@@ -76,7 +76,8 @@ def logits_sets(sets: Sets, keys: Tensor, query: Tensor, score: ScoreFn, num_hea
 def softmax_sets(sets: Sets, logits: Tensor) -> Tensor:
     """Weights from logits in the layout of ``sets`` (``[B, *, L]`` padded, ``[N, *]`` packed)."""
     if sets.is_padded:
-        mask = None if sets.mask is None else sets.mask.view(sets.mask.shape[0], *([1] * (logits.dim() - 2)), -1)
+        mask = None if sets.mask is None else sets.mask.view(
+            sets.mask.shape[0], *([1] * (logits.dim() - 2)), sets.mask.shape[-1])
         return masked_softmax(logits, mask, dim=-1)
     return segment_softmax(logits, segment_ids=sets.segment_ids(), num_segments=sets.batch_size)
 
@@ -152,7 +153,8 @@ def _fused_kernel(sets: Sets, keys: Tensor, values: Tensor, score: ScoreFn, num_
                   training: bool, need_weights: bool, query: Tensor) -> KernelFn | None:
     """The fused kernel to use, or None for the eager path: kernels cover packed sets, one head, a dot score over
     keys that are the values, and no dropout; weights that must carry gradients come from the eager path."""
-    if (sets.is_padded or score is not dot_score or keys is not sets.values or values is not sets.values
+    # Fused kernels are opaque calls that torch.compile and torch.export cannot trace: they keep the eager path.
+    if (sets.is_padded or torch.compiler.is_compiling() or score is not dot_score or keys is not sets.values or values is not sets.values
             or num_heads != 1
             or (dropout > 0 and training) or sets.values.shape[0] == 0 or query.shape[1] == 0):
         return None
