@@ -154,8 +154,8 @@ def _fused_kernel(sets: Sets, keys: Tensor, values: Tensor, score: ScoreFn, num_
     """The fused kernel to use, or None for the eager path: kernels cover packed sets, one head, a dot score over
     keys that are the values, and no dropout; weights that must carry gradients come from the eager path."""
     # Fused kernels are opaque calls that torch.compile and torch.export cannot trace: they keep the eager path.
-    if (sets.is_padded or torch.compiler.is_compiling() or score is not dot_score or keys is not sets.values or values is not sets.values
-            or num_heads != 1
+    if (sets.is_padded or torch.compiler.is_compiling() or score is not dot_score or num_heads != 1
+            or keys is not sets.values or values is not sets.values
             or (dropout > 0 and training) or sets.values.shape[0] == 0 or query.shape[1] == 0):
         return None
     if need_weights and torch.is_grad_enabled() and (values.requires_grad or query.requires_grad):
