@@ -84,6 +84,16 @@ def reference_attention_pool(sets: list[Tensor], queries: Tensor, keys: list[Ten
     return torch.stack(outs), weights
 
 
+@pytest.fixture(autouse=True, scope="session")
+def single_intraop_thread():
+    """One intra-op thread: the tests run many small ops, where a thread pool only adds hand-off cost (several times
+    the run time on a loaded 2-core machine). Tests of threading set their own count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def ragged() -> Batch:
     return make_batch([3, 1, 0, 5, 2], 8)

@@ -13,16 +13,6 @@ from tests.conftest import Batch, batch_from_sets, make_batch
 LENGTHS = [3, 1, 0, 5, 2]
 
 
-def single_intraop_thread():
-    """Run a test module with one intra-op thread, then restore the setting. These tests run thousands of ops on
-    tensors of a few dozen elements, where a thread pool only adds hand-off cost; on a loaded 2-core machine that
-    cost made them 5x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Float64 reference pieces.
 # ---------------------------------------------------------------------------------------------------------------
@@ -346,5 +336,4 @@ __all__ = [
     "multihead",
     "multihead_weights",
     "row_ff",
-    "single_intraop_thread",
 ]

@@ -25,10 +25,7 @@ from tests.nn._set_module_checks import (
     make_batch,
     multihead,
     multihead_weights,
-    single_intraop_thread,
 )
-
-single_thread = pytest.fixture(autouse=True, scope="module")(single_intraop_thread)
 
 # (kwargs, num_probes, num_heads)
 CASES = [

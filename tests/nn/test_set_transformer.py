@@ -29,10 +29,7 @@ from tests.nn._set_module_checks import (
     make_batch,
     multihead_weights,
     row_ff,
-    single_intraop_thread,
 )
-
-single_thread = pytest.fixture(autouse=True, scope="module")(single_intraop_thread)
 
 
 @dataclass
