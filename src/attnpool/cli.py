@@ -2,6 +2,7 @@
 
     attnpool demo [--part text|mil|all] [--seed N] [--epochs N] [--splits N] [--temperature T] [--threads N]
     attnpool report CAPTURE [--out DIR] [--no-html] [--no-png]
+    attnpool repro {mil,set-transformer,kernel-regression} [--quick] ...
 
 A new subcommand is a function ``_add_NAME(subparsers)`` that registers its parser with ``func=`` set, listed in
 ``SUBCOMMANDS``.
@@ -69,7 +70,27 @@ def _add_report(sub: Subparsers) -> None:
     p.set_defaults(func=report.run)
 
 
-SUBCOMMANDS: list[Callable[[Subparsers], None]] = [_add_demo, _add_report]
+def _run_repro(args: argparse.Namespace) -> int:
+    from attnpool import repro
+
+    return int(repro.load(args.reproduction).main(args.args))
+
+
+def _add_repro(sub: Subparsers) -> None:
+    from attnpool.repro import REPRODUCTIONS
+
+    listing = "; ".join(f"{name}: {summary}" for name, (_, summary) in REPRODUCTIONS.items())
+    p = sub.add_parser("repro", help="reproduce a published table (results: experiments/README.md)",
+                       description=f"Reproduce a paper's results with attnpool's layers ({listing}). Each has "
+                                   "--quick, a seconds-long end-to-end check; `attnpool repro NAME --help` lists "
+                                   "its options.")
+    p.add_argument("reproduction", choices=sorted(REPRODUCTIONS), metavar="NAME",
+                   help=f"one of {', '.join(sorted(REPRODUCTIONS))}")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the reproduction's own options")
+    p.set_defaults(func=_run_repro)
+
+
+SUBCOMMANDS: list[Callable[[Subparsers], None]] = [_add_demo, _add_report, _add_repro]
 
 
 def build_parser() -> argparse.ArgumentParser:
