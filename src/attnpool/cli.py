@@ -2,6 +2,7 @@
 
     attnpool demo [--part text|mil|all] [--seed N] [--epochs N] [--splits N] [--temperature T] [--threads N]
     attnpool report CAPTURE [--out DIR] [--no-html] [--no-png]
+    attnpool kb {index,search,delete,eval} ...
     attnpool repro {mil,set-transformer,kernel-regression} [--quick] ...
 
 A new subcommand is a function ``_add_NAME(subparsers)`` that registers its parser with ``func=`` set, listed in
@@ -90,7 +91,13 @@ def _add_repro(sub: Subparsers) -> None:
     p.set_defaults(func=_run_repro)
 
 
-SUBCOMMANDS: list[Callable[[Subparsers], None]] = [_add_demo, _add_report, _add_repro]
+def _add_kb(sub: Subparsers) -> None:
+    from attnpool.kb.cli import add_parser
+
+    add_parser(sub)
+
+
+SUBCOMMANDS: list[Callable[[Subparsers], None]] = [_add_demo, _add_report, _add_repro, _add_kb]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    from attnpool.kb.sources import InputError
+    from attnpool.kb.store import StoreError
+
+    try:
+        return int(args.func(args))
+    except (InputError, StoreError) as e:
+        # bad input or an incompatible store: one clear line, no traceback, and nothing was written
+        print(f"attnpool {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

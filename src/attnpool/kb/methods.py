@@ -1,0 +1,103 @@
+"""Document scoring methods, each turning a document's chunk vectors into a relevance score for a query.
+
+All vectors are unit norm. With ``s_i = q . c_i`` the cosine of the query and chunk ``i`` of document ``d``:
+
+* ``first``: ``s_first``, the document's first chunk;
+* ``mean``: ``cos(q, mean_i c_i)``;
+* ``max``: ``max_i s_i`` (MaxSim over the chunks);
+* ``attention``: ``cos(q, sum_i a_i c_i)`` with ``a = softmax(s / T)``: the document is the attention pool of its
+  chunks with the query as the query, so it is represented differently for every question. ``T -> 0`` tends to
+  ``max``; ``T -> inf`` to ``mean``;
+* ``learned``: ``cos(q, d)``, ``d`` a static document vector from a trained attention pooling head (learned query);
+* ``multi``: ``max_k cos(q, d_k)`` over ``k`` vectors per document from a trained PMA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnpool.functional import attention_pool
+
+__all__ = ["DYNAMIC_METHODS", "METHODS", "ChunkMatrix", "attention_scores", "first_scores", "max_scores",
+           "mean_vectors", "static_scores"]
+
+METHODS = ("first", "mean", "max", "attention", "learned", "multi")
+#: methods whose document representation depends on the query
+DYNAMIC_METHODS = ("max", "attention")
+
+
+@dataclass
+class ChunkMatrix:
+    """Chunk vectors ``[N, D]`` grouped by document: document ``d`` owns rows ``offsets[d]:offsets[d+1]``."""
+
+    vectors: Tensor
+    offsets: Tensor
+
+    @property
+    def num_docs(self) -> int:
+        return int(self.offsets.numel() - 1)
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.offsets.diff()
+
+    def doc_of_chunk(self) -> Tensor:
+        return torch.repeat_interleave(torch.arange(self.num_docs), self.lengths)
+
+
+def _normalize(x: Tensor) -> Tensor:
+    return torch.nn.functional.normalize(x, dim=-1, eps=1e-12)
+
+
+def first_scores(chunks: ChunkMatrix, queries: Tensor) -> Tensor:
+    """``[Q, B]``: cosine of each query with each document's first chunk (``-inf`` for a document without chunks)."""
+    firsts = chunks.vectors[chunks.offsets[:-1].clamp(max=max(chunks.vectors.shape[0] - 1, 0))]
+    scores = queries @ firsts.T
+    return scores.masked_fill(chunks.lengths == 0, float("-inf"))
+
+
+def mean_vectors(chunks: ChunkMatrix) -> Tensor:
+    """``[B, D]`` unit-norm mean of each document's chunk vectors (0 for a document without chunks)."""
+    sums = torch.zeros(chunks.num_docs, chunks.vectors.shape[1], dtype=chunks.vectors.dtype)
+    sums.index_add_(0, chunks.doc_of_chunk(), chunks.vectors)
+    return _normalize(sums)
+
+
+def static_scores(doc_vectors: Tensor, queries: Tensor) -> Tensor:
+    """``[Q, B]`` from static document vectors ``[B, D]`` (one per document) or ``[B, k, D]`` (the best of ``k``)."""
+    if doc_vectors.dim() == 2:
+        return queries @ _normalize(doc_vectors).T
+    return torch.einsum("qd,bkd->qbk", queries, _normalize(doc_vectors)).amax(-1)
+
+
+def max_scores(chunks: ChunkMatrix, queries: Tensor) -> Tensor:
+    """``[Q, B]``: the best chunk's cosine per document (MaxSim)."""
+    sims = queries @ chunks.vectors.T  # [Q, N]
+    out = torch.full((queries.shape[0], chunks.num_docs), float("-inf"), dtype=sims.dtype)
+    index = chunks.doc_of_chunk().expand_as(sims)
+    return out.scatter_reduce(1, index, sims, reduce="amax", include_self=True)
+
+
+def attention_scores(chunks: ChunkMatrix, queries: Tensor, temperature: float, *,
+                     query_block: int = 32) -> Tensor:
+    """``[Q, B]``: ``cos(q, attention_pool(chunks of d, query=q, T))``, computed for ``query_block`` queries at a
+    time by attnpool's packed attention pool (one pass over the chunks per block; the fused kernel on the CPU)."""
+    out = torch.empty(queries.shape[0], chunks.num_docs, dtype=queries.dtype)
+    for i in range(0, queries.shape[0], query_block):
+        q = queries[i:i + query_block]
+        pooled = attention_pool(chunks.vectors, q, offsets=chunks.offsets, scale=1.0, temperature=temperature)
+        pooled = pooled.reshape(chunks.num_docs, q.shape[0], -1)  # [B, Qb, D]
+        out[i:i + query_block] = torch.einsum("qd,bqd->qb", q, _normalize(pooled))
+    return out.masked_fill(chunks.lengths == 0, float("-inf"))
+
+
+def attention_weights(vectors: Tensor, query: Tensor, temperature: float) -> Tensor:
+    """The weights ``softmax(s / T)`` over one document's chunks ``[n, D]`` for one query ``[D]``."""
+    return torch.softmax((vectors @ query).double() / temperature, 0).float()
+
+
+ScoreFn = Callable[[ChunkMatrix, Tensor], Tensor]
