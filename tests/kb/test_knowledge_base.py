@@ -18,7 +18,10 @@ from attnpool.kb import methods as M
 from tests.kb._fake import HashEncoder
 
 ROOT = Path(__file__).resolve().parents[2]
-WORDS = ["create", "list", "delete", "update", "describe", "instance", "bucket", "cluster", "network", "firewall", "disk", "snapshot", "image", "key", "role", "policy", "topic", "subscription", "queue", "job"]
+WORDS = [
+    "create", "list", "delete", "update", "describe", "instance", "bucket", "cluster", "network", "firewall", "disk",
+    "snapshot", "image", "key", "role", "policy", "topic", "subscription", "queue", "job",
+]
 
 
 def make_docs(n: int, seed: int = 0, words: int = 400) -> list[Document]:
