@@ -76,12 +76,14 @@ def test_evaluate_every_method_and_write(tmp_path):
     beir = make_beir(tmp_path)
     kb = KnowledgeBase(tmp_path / "kb", HashEncoder(dim=16), max_tokens=64, overlap=8)
     result = evaluate_beir(beir, kb, head_steps=20, save_heads=True, progress=False)
-    assert set(result.metrics) == {"first", "mean", "max", "attention", "learned", "multi", "bm25"}
+    assert set(result.metrics) == {"first", "mean", "max", "attention", "learned", "multi", "bm25", "hybrid",
+                                   "hybrid-score"}
+    assert kb.fusion_weight() == result.fusion_weight
     assert result.num_tune + result.num_test == 40
     for m in result.metrics.values():
         assert all(0 <= v <= 1 for v in m.values())
     assert result.metrics["bm25"]["recall@100"] == 1.0  # 40 documents: everything is in the top 100
-    assert result.temperature in [float(t) for t in result.temperature_curve]
+    assert f"T={result.temperature}" in result.tuning_curve and f"w={result.fusion_weight}" in result.tuning_curve
     assert any(d["a"] == "attention" for d in result.differences)
     # the saved heads and temperature are used by search from then on
     assert kb.temperature() == result.temperature

@@ -56,12 +56,21 @@ def _delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from attnpool.web.app import serve
+    except ImportError as e:
+        raise SystemExit(f"attnpool kb serve: needs the web extra (pip install 'attnpool[web]'): {e}") from None
+    serve(args.store, host=args.host, port=args.port, model=args.model)
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from attnpool.kb.evaluate import evaluate_beir, format_markdown, write_results
 
     methods = args.methods.split(",") if args.methods else None
     kw: dict[str, Any] = {"methods": methods} if methods else {}
-    result = evaluate_beir(args.beir_dir, _kb(args), seed=args.seed, bm25=not args.no_bm25, head_steps=args.head_steps,
+    result = evaluate_beir(args.beir_dir, _kb(args), seed=args.seed, head_steps=args.head_steps,
                            save_heads=args.save_heads, progress=not args.quiet, **kw)
     command = "attnpool " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["kb"] else ""
     if args.out:
@@ -113,6 +122,14 @@ def add_parser(sub: Any) -> None:
     common(p)
     p.set_defaults(func=_delete)
 
+    p = kbs.add_parser("serve", help="a local web page and JSON API to search the knowledge base",
+                       description="Serve the search page (search box, conversation pane, chunks highlighted by "
+                                   "attention weight, pooling diagnostics) and its JSON API (schema at /openapi.json).")
+    common(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.set_defaults(func=_serve)
+
     p = kbs.add_parser("eval", help="every method side by side on a BEIR directory, with BM25 and bootstrap CIs")
     p.add_argument("beir_dir")
     common(p)
@@ -123,6 +140,5 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--head-steps", type=int, default=400, help="training steps of the learned and multi heads")
     p.add_argument("--save-heads", action="store_true",
                    help="keep the tuned temperature and trained heads in the store for `kb search`")
-    p.add_argument("--no-bm25", action="store_true", help="skip the BM25 baseline")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_eval)

@@ -30,10 +30,11 @@ from attnpool.kb.knowledge_base import KnowledgeBase
 from attnpool.kb.methods import METHODS
 from attnpool.kb.sources import InputError, read_beir_corpus, read_beir_qrels, read_beir_queries
 
-__all__ = ["BeirData", "EvalResult", "bm25_rankings", "bootstrap_difference", "evaluate_beir", "load_beir",
+__all__ = ["BeirData", "EvalResult", "bootstrap_difference", "evaluate_beir", "load_beir",
            "metrics_for_ranking", "split_queries"]
 
 METRICS = ("ndcg@10", "recall@10", "recall@100", "mrr@10")
+FUSION_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 TEMPERATURE_GRID = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 
 
@@ -114,25 +115,6 @@ def bootstrap_difference(a: np.ndarray, b: np.ndarray, *, resamples: int = 2000,
     return float(diff.mean()), float(lo), float(hi)
 
 
-def bm25_rankings(corpus: Sequence[Any], queries: Sequence[str], k: int = 100) -> tuple[list[list[int]], Any]:
-    """BM25 (bm25s, Lucene variant, k1 = 1.5, b = 0.75, English stopwords, Snowball stemming when PyStemmer is
-    installed) over each document's title and text; the ranked corpus indices of the ``k`` best per query."""
-    import bm25s
-
-    try:
-        import Stemmer
-
-        stemmer = Stemmer.Stemmer("english")
-    except ImportError:  # pragma: no cover - PyStemmer is in the kb extra
-        stemmer = None
-    retriever = bm25s.BM25()
-    tokens = bm25s.tokenize([d.full_text for d in corpus], stopwords="en", stemmer=stemmer, show_progress=False)
-    retriever.index(tokens, show_progress=False)
-    qtok = bm25s.tokenize(list(queries), stopwords="en", stemmer=stemmer, show_progress=False)
-    results, _ = retriever.retrieve(qtok, k=min(k, len(corpus)), show_progress=False, n_threads=1)
-    return [list(map(int, r)) for r in results], retriever
-
-
 @dataclass
 class EvalResult:
     dataset: str
@@ -141,7 +123,8 @@ class EvalResult:
     num_tune: int
     num_test: int
     temperature: float
-    temperature_curve: dict[str, float]
+    fusion_weight: float
+    tuning_curve: dict[str, float]
     metrics: dict[str, dict[str, float]]
     differences: list[dict[str, Any]]
     train: dict[str, Any] = field(default_factory=dict)
@@ -150,15 +133,8 @@ class EvalResult:
     per_query: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
-def _rankings_to_scores(rankings: list[list[int]], num_docs: int) -> Tensor:
-    scores = torch.full((len(rankings), num_docs), float("-inf"))
-    for q, r in enumerate(rankings):
-        scores[q, torch.tensor(r, dtype=torch.long)] = -torch.arange(len(r), dtype=torch.float32)
-    return scores
-
-
 def evaluate_beir(beir_dir: str | os.PathLike[str], kb: KnowledgeBase, *, seed: int = 0,
-                  methods: Sequence[str] = METHODS, bm25: bool = True, head_steps: int = 400,
+                  methods: Sequence[str] = METHODS, head_steps: int = 400,
                   save_heads: bool = False, progress: bool = True) -> EvalResult:
     """Index ``beir_dir``'s corpus into ``kb`` (unchanged documents are skipped), tune on one half of the queries and
     report every method and BM25 on the other half."""
@@ -189,11 +165,23 @@ def evaluate_beir(beir_dir: str | os.PathLike[str], kb: KnowledgeBase, *, seed: 
         t = time.perf_counter()
         for tau in TEMPERATURE_GRID:
             s = kb.score(tune_q, "attention", temperature=tau)
-            curve[str(tau)] = float(per_query_metrics(s, doc_ids, tune_ids, data.qrels)["ndcg@10"].mean())
-        temperature = float(max(TEMPERATURE_GRID, key=lambda tau: curve[str(tau)]))
+            curve[f"T={tau}"] = float(per_query_metrics(s, doc_ids, tune_ids, data.qrels)["ndcg@10"].mean())
+        temperature = float(max(TEMPERATURE_GRID, key=lambda tau: curve[f"T={tau}"]))
         timing["tune_temperature_s"] = time.perf_counter() - t
         if save_heads:
             kb.save_settings(attention_temperature=temperature)
+    fusion_weight = kb.fusion_weight()
+    tune_texts = [data.queries[q] for q in tune_ids]
+    test_texts = [data.queries[q] for q in test_ids]
+    if "hybrid-score" in methods:
+        t = time.perf_counter()
+        for w in FUSION_GRID:
+            s = kb.score(tune_q, "hybrid-score", texts=tune_texts, temperature=temperature, fusion_weight=w)
+            curve[f"w={w}"] = float(per_query_metrics(s, doc_ids, tune_ids, data.qrels)["ndcg@10"].mean())
+        fusion_weight = float(max(FUSION_GRID, key=lambda w: curve[f"w={w}"]))
+        timing["tune_fusion_s"] = time.perf_counter() - t
+        if save_heads:
+            kb.save_settings(fusion_weight=fusion_weight)
     heads = {}
     for kind in ("learned", "multi"):
         if kind not in methods:
@@ -218,18 +206,9 @@ def evaluate_beir(beir_dir: str | os.PathLike[str], kb: KnowledgeBase, *, seed: 
 
                 s = static_scores(doc_vectors(heads[m], kb.chunk_matrix()), test_q)
         else:
-            s = kb.score(test_q, m, temperature=temperature)
+            s = kb.score(test_q, m, texts=test_texts, temperature=temperature, fusion_weight=fusion_weight)
         timing[f"score_{m}_s"] = time.perf_counter() - t
         metrics[m] = per_query_metrics(s, doc_ids, test_ids, data.qrels)
-    if bm25:
-        t = time.perf_counter()
-        corpus_by_id = {d.doc_id: d for d in data.corpus}
-        ordered = [corpus_by_id[d] for d in doc_ids]
-        rankings, _ = bm25_rankings(ordered, [data.queries[q] for q in test_ids])
-        metrics["bm25"] = per_query_metrics(_rankings_to_scores(rankings, len(doc_ids)), doc_ids, test_ids,
-                                            data.qrels)
-        timing["bm25_s"] = time.perf_counter() - t
-
     differences = []
     pairs_to_compare: list[tuple[str, str]] = []
     baselines = [m for m in ("first", "mean", "max") if m in metrics]
@@ -241,7 +220,9 @@ def evaluate_beir(beir_dir: str | os.PathLike[str], kb: KnowledgeBase, *, seed: 
         if "learned" in metrics and best != "mean" and "mean" in metrics:
             pairs_to_compare.append(("learned", "mean"))
     if "bm25" in metrics:
-        pairs_to_compare += [(m, "bm25") for m in methods]
+        pairs_to_compare += [(m, "bm25") for m in methods if m != "bm25"]
+    if "hybrid" in metrics and "max" in metrics:
+        pairs_to_compare.append(("hybrid", "max"))
     for a, b in pairs_to_compare:
         for metric in ("ndcg@10", "mrr@10"):
             mean, lo, hi = bootstrap_difference(metrics[a][metric], metrics[b][metric], seed=seed)
@@ -249,7 +230,7 @@ def evaluate_beir(beir_dir: str | os.PathLike[str], kb: KnowledgeBase, *, seed: 
     timing["total_s"] = time.perf_counter() - t0
     return EvalResult(
         dataset=str(beir_dir), num_docs=len(doc_ids), num_chunks=kb.num_chunks, num_tune=len(tune_ids),
-        num_test=len(test_ids), temperature=temperature, temperature_curve=curve,
+        num_test=len(test_ids), temperature=temperature, fusion_weight=fusion_weight, tuning_curve=curve,
         metrics={m: {k: float(v.mean()) for k, v in per_q.items()} for m, per_q in metrics.items()},
         differences=differences, train=train_info, timing=timing, environment=environment(),
         per_query={m: {k: v.tolist() for k, v in per_q.items()} for m, per_q in metrics.items()})
@@ -272,7 +253,8 @@ def format_markdown(result: EvalResult, command: str = "") -> str:
     env = result.environment
     lines = [f"# Retrieval on `{Path(result.dataset).name}`", "",
              f"{result.num_docs} documents, {result.num_chunks} chunks; {result.num_tune} tune and {result.num_test} "
-             f"test queries (seeded split). Attention temperature T = {result.temperature} (chosen on the tune split)."
+             f"test queries (seeded split). Attention temperature T = {result.temperature}, hybrid-score weight "
+             f"w = {result.fusion_weight} (both chosen on the tune split)."
              f" Date {env.get('date')}, {env.get('cpu')} ({env.get('cores')} cores), torch {env.get('torch')}.", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
@@ -284,9 +266,9 @@ def format_markdown(result: EvalResult, command: str = "") -> str:
     for d in result.differences:
         lines.append(f"| {d['a']} - {d['b']} | {d['metric']} | {d['difference']:+.3f} | "
                      f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] |")
-    if result.temperature_curve:
-        lines += ["", "Attention temperature on the tune split (nDCG@10): " +
-                  ", ".join(f"T={t}: {v:.3f}" for t, v in result.temperature_curve.items())]
+    if result.tuning_curve:
+        lines += ["", "Tuning on the tune split (nDCG@10): " +
+                  ", ".join(f"{t}: {v:.3f}" for t, v in result.tuning_curve.items())]
     if result.train:
         lines += ["", "Heads trained on the tune split: " + "; ".join(
             f"{k}: {v['steps']} steps, loss {v['first_loss']:.3f} → {v['last_loss']:.3f}, {v['seconds']:.1f} s"

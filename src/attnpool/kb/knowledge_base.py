@@ -21,6 +21,7 @@ from attnpool.text.chunking import chunk_text
 __all__ = ["ChunkHit", "Hit", "IndexReport", "KnowledgeBase"]
 
 DEFAULT_TEMPERATURE = 0.1
+DEFAULT_FUSION_WEIGHT = 0.5
 SETTINGS_FILE = "settings.json"
 
 
@@ -251,22 +252,51 @@ class KnowledgeBase:
     def temperature(self) -> float:
         return float(self.settings.get("attention_temperature", DEFAULT_TEMPERATURE))
 
-    def score(self, queries: Tensor, method: str = "attention", *, temperature: float | None = None) -> Tensor:
-        """``[Q, B]`` scores of every document (in :attr:`doc_ids` order) for unit-norm query vectors ``[Q, D]``."""
+    def lexical(self) -> Any:
+        """The BM25 index of the committed documents (built from the store, cached beside it)."""
+        cache = self._loaded()
+        if "lexical" not in cache:
+            from attnpool.kb.lexical import LexicalIndex
+
+            cache["lexical"] = LexicalIndex.for_store(self.store(), self.doc_ids)
+        return cache["lexical"]
+
+    def fusion_weight(self) -> float:
+        return float(self.settings.get("fusion_weight", DEFAULT_FUSION_WEIGHT))
+
+    def score(self, queries: Tensor, method: str = "attention", *, texts: Sequence[str] | None = None,
+              temperature: float | None = None, fusion_weight: float | None = None) -> Tensor:
+        """``[Q, B]`` scores of every document (in :attr:`doc_ids` order) for unit-norm query vectors ``[Q, D]``.
+
+        ``bm25`` and the hybrids also need the queries' ``texts``. ``hybrid`` is reciprocal-rank fusion
+        (``1/(60 + rank)`` summed) of BM25 and ``attention``; ``hybrid-score`` fuses their scores after
+        standardizing each over the documents (z-scores), as ``w * z_bm25 + (1 - w) * z_attention``.
+        """
         if method not in M.METHODS:
             raise ValueError(f"method: expected one of {', '.join(M.METHODS)}, got {method!r}")
         chunks = self.chunk_matrix()
         dim = chunks.vectors.shape[1]
         if queries.dim() != 2 or queries.shape[1] != dim:
             raise ValueError(f"queries: expected [Q, {dim}], got {list(queries.shape)}")
+        if method in M.LEXICAL_METHODS and (texts is None or len(texts) != queries.shape[0]):
+            raise ValueError(f"texts: method {method!r} needs the text of each of the {queries.shape[0]} queries")
+        t = self.temperature() if temperature is None else temperature
         with torch.inference_mode():
             if method == "first":
                 return M.first_scores(chunks, queries)
             if method == "max":
                 return M.max_scores(chunks, queries)
             if method == "attention":
-                t = self.temperature() if temperature is None else temperature
                 return M.attention_scores(chunks, queries, t)
+            if method in M.LEXICAL_METHODS:
+                lexical = torch.from_numpy(self.lexical().scores(list(texts or ())))
+                if method == "bm25":
+                    return lexical
+                dense = M.attention_scores(chunks, queries, t)
+                if method == "hybrid":
+                    return M.reciprocal_rank_fusion([lexical, dense])
+                w = self.fusion_weight() if fusion_weight is None else fusion_weight
+                return M.zscore_fusion([lexical, dense], [w, 1.0 - w])
             return M.static_scores(self._static_vectors(method), queries)
 
     def encode_queries(self, texts: Sequence[str]) -> Tensor:
@@ -289,7 +319,8 @@ class KnowledgeBase:
             qv = query
         if k < 1:
             raise ValueError(f"k: expected an integer >= 1, got {k}")
-        scores = self.score(qv[None], method, temperature=temperature)[0]
+        texts = [query] if isinstance(query, str) else None
+        scores = self.score(qv[None], method, texts=texts, temperature=temperature)[0]
         k = min(k, scores.numel())
         top = torch.topk(scores, k)
         stored = self._loaded()["stored"]

@@ -9,7 +9,10 @@ All vectors are unit norm. With ``s_i = q . c_i`` the cosine of the query and ch
   chunks with the query as the query, so it is represented differently for every question. ``T -> 0`` tends to
   ``max``; ``T -> inf`` to ``mean``;
 * ``learned``: ``cos(q, d)``, ``d`` a static document vector from a trained attention pooling head (learned query);
-* ``multi``: ``max_k cos(q, d_k)`` over ``k`` vectors per document from a trained PMA.
+* ``multi``: ``max_k cos(q, d_k)`` over ``k`` vectors per document from a trained PMA;
+* ``bm25``: lexical BM25 over the documents' text (:mod:`attnpool.kb.lexical`);
+* ``hybrid``: reciprocal-rank fusion of ``bm25`` and ``attention``;
+* ``hybrid-score``: ``w * z(bm25) + (1 - w) * z(attention)``, each score standardized over the documents.
 """
 
 from __future__ import annotations
@@ -22,10 +25,23 @@ from torch import Tensor
 
 from attnpool.functional import attention_pool
 
-__all__ = ["DYNAMIC_METHODS", "METHODS", "ChunkMatrix", "attention_scores", "first_scores", "max_scores",
-           "mean_vectors", "static_scores"]
+__all__ = [
+    "DYNAMIC_METHODS",
+    "LEXICAL_METHODS",
+    "METHODS",
+    "ChunkMatrix",
+    "attention_scores",
+    "first_scores",
+    "max_scores",
+    "mean_vectors",
+    "reciprocal_rank_fusion",
+    "static_scores",
+    "zscore_fusion",
+]
 
-METHODS = ("first", "mean", "max", "attention", "learned", "multi")
+METHODS = ("first", "mean", "max", "attention", "learned", "multi", "bm25", "hybrid", "hybrid-score")
+#: methods that read the query's text
+LEXICAL_METHODS = ("bm25", "hybrid", "hybrid-score")
 #: methods whose document representation depends on the query
 DYNAMIC_METHODS = ("max", "attention")
 
@@ -98,6 +114,34 @@ def attention_scores(chunks: ChunkMatrix, queries: Tensor, temperature: float, *
 def attention_weights(vectors: Tensor, query: Tensor, temperature: float) -> Tensor:
     """The weights ``softmax(s / T)`` over one document's chunks ``[n, D]`` for one query ``[D]``."""
     return torch.softmax((vectors @ query).double() / temperature, 0).float()
+
+
+def reciprocal_rank_fusion(scores: list[Tensor], k: float = 60.0) -> Tensor:
+    """``sum_m 1 / (k + rank_m(d))`` over score matrices ``[Q, B]`` (rank 1 = best; Cormack et al. 2009)."""
+    out = torch.zeros_like(scores[0], dtype=torch.float64)
+    for s in scores:
+        order = torch.argsort(s, dim=1, descending=True, stable=True)
+        ranks = torch.empty_like(order)
+        ranks.scatter_(1, order, torch.arange(1, s.shape[1] + 1).expand_as(order))
+        out += 1.0 / (k + ranks.double())
+    return out.float()
+
+
+def zscore_fusion(scores: list[Tensor], weights: list[float]) -> Tensor:
+    """``sum_m w_m z_m`` with ``z_m`` each query's scores standardized over the documents (``-inf`` scores, from
+    documents without chunks, stay ``-inf``)."""
+    out = torch.zeros_like(scores[0], dtype=torch.float64)
+    dead = torch.zeros_like(scores[0], dtype=torch.bool)
+    for s, w in zip(scores, weights):
+        s = s.double()
+        finite = torch.isfinite(s)
+        dead |= ~finite
+        x = torch.where(finite, s, torch.zeros((), dtype=s.dtype))
+        n = finite.sum(1, keepdim=True).clamp(min=1)
+        mean = x.sum(1, keepdim=True) / n
+        var = (torch.where(finite, x - mean, torch.zeros((), dtype=s.dtype)) ** 2).sum(1, keepdim=True) / n
+        out += w * (x - mean) / var.sqrt().clamp(min=1e-12)
+    return out.masked_fill(dead, float("-inf")).float()
 
 
 ScoreFn = Callable[[ChunkMatrix, Tensor], Tensor]

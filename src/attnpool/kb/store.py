@@ -186,6 +186,19 @@ class LanceStore:
                 .select(["chunk_index", "start", "end", "text"]).limit(None).to_arrow().to_pylist())
         return sorted(rows, key=lambda r: r["chunk_index"])
 
+    def document_texts(self, doc_ids: Sequence[str]) -> list[str]:
+        """Each document's text, put back together from its live chunks
+        (:func:`attnpool.kb.lexical.document_texts`)."""
+        from attnpool.kb.lexical import document_texts
+
+        current = self.document_hashes()
+        cols = self.chunks.to_arrow().select(["doc_id", "doc_hash", "chunk_index", "start", "end", "text"]).to_pylist()
+        by_doc: dict[str, list[dict[str, Any]]] = {}
+        for row in cols:
+            if current.get(row["doc_id"]) == row["doc_hash"]:
+                by_doc.setdefault(row["doc_id"], []).append(row)
+        return [document_texts(sorted(by_doc.get(d, []), key=lambda r: r["chunk_index"])) for d in doc_ids]
+
     # -- writing ---------------------------------------------------------------------------------------------------
 
     def remove_orphans(self) -> int:
