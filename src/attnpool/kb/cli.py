@@ -25,6 +25,19 @@ def _kb(args: argparse.Namespace) -> Any:
 def _index(args: argparse.Namespace) -> int:
     from attnpool.kb import read_documents
 
+    if args.ray:
+        from attnpool.kb.ray_pipeline import index_with_ray
+
+        try:
+            report = index_with_ray(args.paths, args.store, model=args.model, max_tokens=args.max_tokens,
+                                    overlap=args.overlap, num_cpus=args.num_cpus, address=args.ray_address,
+                                    delete_missing=args.delete_missing, progress=not args.quiet)
+        except ImportError as e:
+            raise SystemExit(f"attnpool kb index --ray: {e}") from None
+        print(f"{args.store}: {report}")
+        return 0
+    if args.ray_address is not None or args.num_cpus is not None:
+        raise SystemExit("attnpool kb index: --ray-address and --num-cpus need --ray")
     docs = read_documents(args.paths)  # everything is read and checked before the store is touched
     report = _kb(args).index(docs, delete_missing=args.delete_missing, progress=not args.quiet)
     print(f"{args.store}: {report}")
@@ -33,10 +46,32 @@ def _index(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     kb = _kb(args)
-    hits = kb.search(args.question, method=args.method, k=args.k, explain=args.explain)
+    query: Any = args.question
+    if args.history:
+        from attnpool.conversation import contextual_query, default_history_pool, load_history
+        from attnpool.kb.sources import InputError
+
+        try:
+            history = load_history(args.history)
+        except ValueError as e:
+            raise InputError(f"--history {e}") from None
+        if not args.question.strip():
+            raise InputError("question: expected a non-empty question, got an empty string")
+        query, turn_weights = contextual_query(default_history_pool(), history, args.question, kb.encode_queries)
+    hits = kb.search(query, method=args.method, k=args.k, explain=args.explain)
     if args.json:
-        print(json.dumps([h.to_dict() for h in hits], indent=1))
+        out: Any = [h.to_dict() for h in hits]
+        if args.history:
+            turns = [*({"role": t.role, "text": t.text} for t in history), {"role": "user", "text": args.question}]
+            out = {"turn_weights": [{**t, "weight": w} for t, w in zip(turns, turn_weights.tolist())], "hits": out}
+        print(json.dumps(out, indent=1))
         return 0
+    if args.history:
+        print("turn weights (oldest first; the last is the question):")
+        for t, w in zip([*((h.role, h.text) for h in history), ("user", args.question)], turn_weights.tolist()):
+            snippet = " ".join(t[1].split())
+            snippet = snippet if len(snippet) <= 100 else snippet[:99] + "…"
+            print(f"  {w:.3f}  {t[0]:<9} {snippet}")
     for rank, hit in enumerate(hits, 1):
         title = f"  {hit.title}" if hit.title else ""
         print(f"{rank:>3}. {hit.score:.4f}  {hit.doc_id}{title}")
@@ -47,6 +82,33 @@ def _search(args: argparse.Namespace) -> int:
                 snippet = " ".join(c.text.split())
                 snippet = snippet if len(snippet) <= 240 else snippet[:239] + "…"
                 print(f"       [{c.index}] w={c.weight:.2f} cos={c.similarity:.3f} chars {c.start}-{c.end}: {snippet}")
+    return 0
+
+
+def _passages(args: argparse.Namespace) -> int:
+    from attnpool.kb.sources import InputError
+    from attnpool.passages import candidate_passages, passage_weights, select_passages
+
+    if not args.question.strip():
+        raise InputError("question: expected a non-empty question, got an empty string")
+    if args.budget < 1 or args.docs < 1 or not 0 <= args.diversity <= 1:
+        raise InputError(f"--budget and --docs: expected integers >= 1, --diversity a number in [0, 1]; got "
+                         f"{args.budget}, {args.docs}, {args.diversity}")
+    kb = _kb(args)
+    q = kb.encode_queries([args.question])[0]
+    passages, vectors = candidate_passages(kb, q, num_docs=args.docs)
+    weights = passage_weights(q, vectors, [p.doc_id for p in passages])
+    sel = select_passages(passages, vectors, weights, budget=args.budget, diversity=args.diversity)
+    if args.json:
+        print(json.dumps({"budget": sel.budget, "tokens": sel.tokens, "passages": [p.to_dict() for p in sel.passages]},
+                         indent=1))
+        return 0
+    print(f"{len(sel.passages)} passages, {sel.tokens} of {sel.budget} tokens:")
+    for p in sel.passages:
+        snippet = " ".join(p.text.split())
+        snippet = snippet if len(snippet) <= 200 else snippet[:199] + "…"
+        print(f"  w={p.weight:.3f} cos={p.similarity:.3f} {p.doc_id} [{p.index}] chars {p.start}-{p.end} "
+              f"({p.num_tokens} tokens): {snippet}")
     return 0
 
 
@@ -80,6 +142,16 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from attnpool.kb.tune import tune
+
+    report = tune(_kb(args), max_queries=args.max_queries, head_steps=args.head_steps, seed=args.seed,
+                  progress=not args.quiet)
+    print(f"{args.store}: tuned on {report}")
+    print("pseudo-query examples: " + " | ".join(report.examples[:3]))
+    return 0
+
+
 def add_parser(sub: Any) -> None:
     from attnpool.kb.methods import METHODS
 
@@ -106,6 +178,11 @@ def add_parser(sub: Any) -> None:
     chunking(p)
     p.add_argument("--delete-missing", action="store_true", help="delete stored documents not among PATHS")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--ray", action="store_true", help="read, chunk and embed with Ray Data (needs the kb-ray extra)")
+    p.add_argument("--ray-address", default=None, help="with --ray: 'auto' joins the running cluster (ray start, "
+                   "$RAY_ADDRESS), 'local' starts Ray on this machine for the run, or ray://HOST:PORT (default: "
+                   "$RAY_ADDRESS if set, else local)")
+    p.add_argument("--num-cpus", type=int, default=None, help="with --ray: CPUs of a local Ray (default: all)")
     p.set_defaults(func=_index)
 
     p = kbs.add_parser("search", help="the best documents for a question")
@@ -115,7 +192,23 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-k", type=int, default=10, help="number of hits (default: %(default)s)")
     p.add_argument("--explain", action="store_true", help="show each hit's chunk weights and best chunks")
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
+    p.add_argument("--history", default=None, metavar="FILE",
+                   help="a conversation (JSON list of {\"role\": \"user\"|\"assistant\", \"text\": ...}, oldest "
+                        "first): the question is searched in its context (attnpool.conversation) and the turn weights "
+                        "are printed")
     p.set_defaults(func=_search)
+
+    p = kbs.add_parser("passages", help="passages for a question from several documents, within a token budget")
+    p.add_argument("question")
+    common(p)
+    p.add_argument("--budget", type=int, default=512, help="tokens of passages to select (default: %(default)s)")
+    p.add_argument("--diversity", type=float, default=0.3,
+                   help="0..1: penalty on passages similar to those selected; > 0 also drops near-duplicates "
+                        "(default: %(default)s)")
+    p.add_argument("--docs", type=int, default=10,
+                   help="documents whose passages are candidates (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the selection as JSON")
+    p.set_defaults(func=_passages)
 
     p = kbs.add_parser("delete", help="delete documents by id")
     p.add_argument("doc_ids", nargs="+")
@@ -142,3 +235,14 @@ def add_parser(sub: Any) -> None:
                    help="keep the tuned temperature and trained heads in the store for `kb search`")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_eval)
+
+    p = kbs.add_parser("tune", help="adapt the pooling to the corpus without labels (pseudo-queries)",
+                       description="Learn the attention temperature, the hybrid fusion weight and the learned/multi "
+                                   "heads from inverse-cloze pseudo-queries made from the corpus itself; saved "
+                                   "beside the index and used by search from then on.")
+    common(p)
+    p.add_argument("--max-queries", type=int, default=1000, help="pseudo-queries to make (default: %(default)s)")
+    p.add_argument("--head-steps", type=int, default=400, help="training steps per head (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_tune)

@@ -78,13 +78,15 @@ class TrainResult:
 
 def train_head(head: nn.Module, chunks: ChunkMatrix, queries: Tensor, positives: Tensor, *, steps: int = 300,
                batch_size: int = 64, lr: float = 3e-3, weight_decay: float = 0.0, logit_scale: float = 20.0,
-               seed: int = 0, progress: bool = False, desc: str = "training head") -> TrainResult:
+               seed: int = 0, progress: bool = False, desc: str = "training head",
+               hard_negatives: bool = False) -> TrainResult:
     """Train ``head`` so that ``cos(query, head(chunks of its document))`` ranks the document first in its batch.
 
     Args:
         queries: ``[P, D]`` unit-norm query vectors.
         positives: ``[P]`` the index (into ``chunks``' documents) of each query's relevant document.
         logit_scale: the InfoNCE inverse temperature on cosines.
+        hard_negatives: add each positive's nearest other document (cosine of mean chunk vectors) to its batch.
     """
     import time
 
@@ -100,10 +102,21 @@ def train_head(head: nn.Module, chunks: ChunkMatrix, queries: Tensor, positives:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=desc, unit="step", leave=False)
+    neighbour = None
+    if hard_negatives:
+        from attnpool.kb.methods import mean_vectors
+
+        means = mean_vectors(chunks)
+        sims = means @ means.T
+        sims.fill_diagonal_(float("-inf"))
+        neighbour = sims.argmax(1)
     head.train()
     for _ in range(steps):
         batch = torch.randperm(queries.shape[0], generator=g)[:batch_size]
-        docs, inverse = torch.unique(positives[batch], return_inverse=True)
+        pos = positives[batch]
+        candidates = pos if neighbour is None else torch.cat([pos, neighbour[pos]])
+        docs, inverse = torch.unique(candidates, return_inverse=True)
+        inverse = inverse[: len(batch)]
         d = doc_vectors(head, chunks, docs)
         sims = queries[batch] @ d.T if d.dim() == 2 else torch.einsum("qd,bkd->qbk", queries[batch], d).amax(-1)
         loss = nn.functional.cross_entropy(logit_scale * sims, inverse)

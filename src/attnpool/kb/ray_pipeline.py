@@ -187,11 +187,15 @@ def _start_ray(ray: Any, address: str | None, num_cpus: int | None) -> bool:
     """Connect to (or start) Ray unless the caller already did; True when this call started it."""
     if ray.is_initialized():
         return False
+    joins = address not in (None, "local") or (address is None and os.environ.get("RAY_ADDRESS"))
+    if joins and num_cpus is not None:
+        raise ValueError(f"num_cpus: sets the CPUs of a local Ray instance; joining the cluster at "
+                         f"{address or os.environ.get('RAY_ADDRESS')} uses its own CPUs (limit the actors with "
+                         f"concurrency), got num_cpus={num_cpus}")
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False}
-    if address in (None, "local"):
-        ray.init(num_cpus=num_cpus, **kwargs)
-    else:
-        ray.init(address=address, **kwargs)
+    if num_cpus is not None:
+        kwargs["num_cpus"] = num_cpus
+    ray.init(address=address, **kwargs)
     return True
 
 
@@ -215,7 +219,9 @@ def index_with_ray(docs_or_paths: Sequence[Document | str | os.PathLike[str]], s
         concurrency: embedding actors (one CPU each); default: every CPU of the cluster.
         encoder_factory: a picklable zero-argument callable returning an encoder (``tokenizer``, ``encode``, ``dim``,
             ``model_id``, ``path``), called once on the driver (for the store's settings) and once per actor.
-        address: the Ray cluster (``"auto"``, ``"ray://host:10001"``) or ``"local"``; ignored when Ray is running.
+        address: ``"auto"`` (the running cluster), ``"ray://host:10001"``, or ``"local"`` (a new instance on this
+            machine for this call); ``None``: ``$RAY_ADDRESS`` if set, else local. Ignored when Ray is already
+            initialized in this process; a Ray instance this call starts is shut down at its end.
         delete_missing: delete stored documents that are not among the input.
         progress: progress bars (Ray Data's and the writer's).
 
