@@ -7,6 +7,7 @@ attnpool's docstrings follow the Google style with reST inline markup (``:func:`
   an *optional* cross-reference: a link where ``a.b.c`` is on the site, plain code otherwise (``~`` shows ``c``);
 * ``:math:`x``` into ``$x$`` and a ``.. math::`` block into a ``$$ ... $$`` block (pymdownx.arithmatex);
 * a ``.. code-block:: LANG`` block into a fenced code block;
+* a reST simple table (columns framed by ``=====  =====`` lines) into a Markdown table;
 * an argument line naming several arguments (``qkv_bias, out_bias: biases of ...``), which the Google style does
   not allow, into one entry per argument with the same description.
 
@@ -99,9 +100,57 @@ def _split_shared_args(text: str) -> str:
     return "\n".join(out)
 
 
+_BORDER = re.compile(r"^(?P<indent>[ \t]*)=+(?:[ \t]+=+)+[ \t]*$")
+
+
+def _simple_tables(text: str) -> str:
+    """reST simple tables (a border, header rows, a border, body rows, a border) as Markdown tables. A body row
+    whose first cell is empty continues the row above it."""
+    lines = text.split("\n")
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        m = _BORDER.match(lines[i])
+        borders = [j for j in range(i, len(lines)) if lines[j] == lines[i]][:3] if m else []
+        if len(borders) < 3 or any(not lines[j].strip() for j in range(borders[0], borders[2])):
+            out.append(lines[i])
+            i += 1
+            continue
+        spans = [(c.start(), c.end()) for c in re.finditer(r"=+", lines[i])]
+
+        def cells(line: str, spans: list[tuple[int, int]] = spans) -> list[str]:
+            return [line[a:(spans[k + 1][0] if k + 1 < len(spans) else len(line))].strip()
+                    for k, (a, _) in enumerate(spans)]
+
+        def rows(first: int, last: int) -> list[list[str]]:
+            result: list[list[str]] = []
+            for line in lines[first:last]:
+                row = cells(line)
+                if result and not row[0]:
+                    result[-1] = [f"{a} {b}".strip() for a, b in zip(result[-1], row)]
+                else:
+                    result.append(row)
+            return result
+
+        header, body = rows(borders[0] + 1, borders[1]), rows(borders[1] + 1, borders[2])
+        head = [" ".join(col).strip() for col in zip(*header)] if header else [""] * len(spans)
+        indent = m.group("indent") if m else ""
+
+        def cell(c: str) -> str:  # a pipe would end the cell: \vert inside formulas, escaped elsewhere
+            c = _MATH_ROLE.sub(lambda f: "$" + f.group(1).replace("|", "\\vert ") + "$", c)
+            return c.replace("|", "\\|")
+
+        def fmt(row: list[str], indent: str = indent) -> str:
+            return indent + "| " + " | ".join(cell(c) for c in row) + " |"
+
+        out.extend(["", fmt(head), indent + "|" + " --- |" * len(spans), *(fmt(r) for r in body), ""])
+        i = borders[2] + 1
+    return "\n".join(out)
+
+
 def rst_to_markdown(text: str) -> str:
-    text = _split_shared_args(_blocks(text))
-    text = _MATH_ROLE.sub(lambda m: f"${m.group(1)}$", text)
+    text = _simple_tables(_blocks(text))  # first: its columns are found by character positions
+    text = _split_shared_args(_MATH_ROLE.sub(lambda m: f"${m.group(1)}$", text))
     return _ROLE.sub(_role, text)
 
 
