@@ -212,13 +212,20 @@ def test_max_model_learns():
 
 
 def test_summary_ranking():
-    results = [{"model": m, "metric": v, "train_seconds": 1.0}
-               for m, v in zip(st.MAX_MODELS, (2.0, 1.9, 0.13, 0.2)) for _ in range(2)]
+    results = [{"model": m, "metric": v, "train_seconds": 1.0, "seed": seed}
+               for m, v in zip(st.MAX_MODELS, (2.0, 1.9, 0.13, 0.2)) for seed in range(2)]
     s = st.summarize("max", results, st.MAX_MODELS, {})
-    assert s["ranking_matches"]
+    assert s["ranking_matches"] and s["reversed_pairs"] == [] and s["seeds_with_paper_ranking"] == 2
     assert s["rows"]["SAB + PMA"]["std"] == 0.0
-    results[0]["metric"] = results[1]["metric"] = 0.01  # mean pooling best: not the paper's order
-    assert not st.summarize("max", results, st.MAX_MODELS, {})["ranking_matches"]
+    results[0]["metric"] = 1.85  # seed 0 of mean pooling beats sum pooling (1.9), the mean over seeds does not
+    s = st.summarize("max", results, st.MAX_MODELS, {})
+    assert s["ranking_matches"] and s["seeds_with_paper_ranking"] == 1
+    results[0]["metric"] = results[1]["metric"] = 0.01  # now mean pooling is best: three pairs reversed
+    s = st.summarize("max", results, st.MAX_MODELS, {})
+    assert not s["ranking_matches"]
+    assert set(map(tuple, s["reversed_pairs"])) == {("rFF + Pooling (max)", "rFF + Pooling (mean)"),
+                                                    ("SAB + PMA", "rFF + Pooling (mean)"),
+                                                    ("rFF + Pooling (sum)", "rFF + Pooling (mean)")}
 
 
 def test_cli_quick_end_to_end(tmp_path, capsys):

@@ -611,8 +611,13 @@ def summarize(task: str, results: list[dict[str, Any]], models: Sequence[str], e
     higher = task == "clustering"
     ours = _ranking({m: rows[m]["mean"] for m in models}, higher)
     theirs = _ranking({m: paper[m][0] for m in models}, higher)
+    # pairs of models that the paper orders one way and our means the other
+    reversed_pairs = [[a, b] for i, a in enumerate(theirs) for b in theirs[i + 1:] if ours.index(a) > ours.index(b)]
+    seeds = sorted({r["seed"] for r in results})
+    per_seed = [_ranking({r["model"]: r["metric"] for r in results if r["seed"] == s}, higher) == theirs
+                for s in seeds]
     return {"task": task, "rows": rows, "ranking_ours": ours, "ranking_paper": theirs, "ranking_matches":
-            ours == theirs, **extra}
+            ours == theirs, "reversed_pairs": reversed_pairs, "seeds_with_paper_ranking": sum(per_seed), **extra}
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -636,7 +641,12 @@ def markdown(summary: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"Ranking ({order}), ours: {', '.join(summary['ranking_ours'])}  ")
     lines.append(f"Ranking, paper: {', '.join(summary['ranking_paper'])}  ")
-    lines.append(f"Same ranking as the paper: {'yes' if summary['ranking_matches'] else 'no'}")
+    n_pairs = len(summary["ranking_paper"]) * (len(summary["ranking_paper"]) - 1) // 2
+    lines.append(f"Same ranking as the paper: {'yes' if summary['ranking_matches'] else 'no'} (means over repeats; "
+                 f"{n_pairs - len(summary['reversed_pairs'])} of {n_pairs} pairs in the paper's order"
+                 + "".join(f"; reversed: {a} vs {b}" for a, b in summary["reversed_pairs"])
+                 + f"). Single repeats with the paper's full ranking: {summary['seeds_with_paper_ranking']} of "
+                 f"{summary['repeats']}.")
     lines.append("")
     lines.append(f"Steps: {summary['steps']} per run (paper: {summary['paper_steps']}); repeats: "
                  f"{summary['repeats']} (seeds {', '.join(map(str, summary['seeds']))}); test set: "
