@@ -130,3 +130,38 @@ def test_empty_and_bad_input():
         passage_weights(unit(torch.ones(6)), vectors, ["a"])
     with pytest.raises(ValueError, match="vectors: expected"):
         passage_weights(q, vectors)
+
+
+def test_passages_from_a_knowledge_base_and_the_cli(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("lancedb", reason="the knowledge base's store needs lancedb (the kb extra)")
+    import json
+
+    from attnpool import cli
+    from attnpool.kb import Document, KnowledgeBase
+    from attnpool.kb import cli as kb_cli
+    from attnpool.passages import PassageTable, candidate_passages
+    from tests.kb._fake import HashEncoder
+
+    kb = KnowledgeBase(tmp_path / "kb", HashEncoder(dim=16), max_tokens=24, overlap=4)
+    text = "alpha beta gamma " * 20
+    kb.index([Document("a", text + " bucket create"), Document("b", text + " topic delete"),
+              Document("c", "bucket " * 40)], progress=False)
+    table = PassageTable(kb)
+    assert len(table.passages) == kb.num_chunks
+    stored = {r["chunk_index"]: r for r in kb.store().chunk_texts("a")}
+    for p in (p for p in table.passages if p.doc_id == "a"):
+        assert (p.start, p.end, p.text) == (stored[p.index]["start"], stored[p.index]["end"], stored[p.index]["text"])
+        assert text[p.start:p.end] == p.text[:len(text[p.start:p.end])] and 0 < p.num_tokens <= 24
+    q = kb.encode_queries(["bucket create"])[0]
+    passages, vectors = candidate_passages(kb, q, num_docs=2, table=table)
+    assert len({p.doc_id for p in passages}) == 2 and vectors.shape == (len(passages), 16)
+
+    monkeypatch.setattr(kb_cli, "_kb", lambda args: kb)
+    assert cli.main(["kb", "passages", "bucket create", "--budget", "50", "--diversity", "0.5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == sum(p["num_tokens"] for p in out["passages"]) <= 50
+    assert all({"doc_id", "start", "end", "index"} <= set(p) for p in out["passages"])
+    texts = [p["text"] for p in out["passages"]]
+    assert len(texts) == len(set(texts))  # the repeated "alpha beta gamma" windows are not all taken
+    assert cli.main(["kb", "passages", "bucket", "--budget", "0"]) == 2
+    assert "--budget" in capsys.readouterr().err

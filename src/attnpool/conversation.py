@@ -38,12 +38,16 @@ from torch import Tensor, nn
 
 from attnpool.functional import softmax_pool
 
-__all__ = ["ROLES", "Conversation", "HistoryPool", "Turn", "command_path", "contextual_query", "elide_resource",
-           "generate_conversations", "load_history", "resource_groups", "summarize"]
+__all__ = ["DEFAULT_SETTINGS", "ROLES", "Conversation", "HistoryPool", "Turn", "command_path", "contextual_query",
+           "default_history_pool", "elide_resource", "generate_conversations", "load_history", "resource_groups",
+           "summarize"]
 
 #: role names and their index in :class:`HistoryPool`'s role bias
 ROLES = ("user", "assistant")
 PRIORS = ("decay", "table", "none")
+#: the settings of :func:`default_history_pool` (``attnpool kb search --history``): chosen on the tune split of
+#: ``experiments/conversation_retrieval.py`` (all-MiniLM-L6-v2; see experiments/results/conversation/results.md)
+DEFAULT_SETTINGS = {"temperature": 0.1, "decay": 0.5, "current_bias": 0.0, "assistant_bias": 0.0}
 
 
 def _inverse_softplus(x: float) -> float:
@@ -118,12 +122,12 @@ class HistoryPool(nn.Module):
         return None if self.decay_param is None else nn.functional.softplus(self.decay_param)
 
     def extra_repr(self) -> str:
-        parts = [f"prior={self.prior!r}", f"temperature={float(self.temperature):.4g}"]
+        parts = [f"prior={self.prior!r}", f"temperature={float(self.temperature.detach()):.4g}"]
         if self.decay is not None:
-            parts.append(f"decay={float(self.decay):.4g}")
+            parts.append(f"decay={float(self.decay.detach()):.4g}")
         if self.distance_bias is not None:
             parts.append(f"max_distance={self.max_distance}")
-        parts += [f"num_roles={self.num_roles}", f"current_bias={float(self.current_bias):.4g}"]
+        parts += [f"num_roles={self.num_roles}", f"current_bias={float(self.current_bias.detach()):.4g}"]
         return ", ".join(parts)
 
     def recency_prior(self, distances: Tensor) -> Tensor:
@@ -235,6 +239,19 @@ def load_history(source: str | os.PathLike[str] | Sequence[Mapping[str, Any]], *
             raise ValueError(f"{name}: turn {i}: text: expected a non-empty string, got {text!r}")
         turns.append(Turn(role, text))
     return turns
+
+
+def default_history_pool(**overrides: float) -> HistoryPool:
+    """A decay-prior :class:`HistoryPool` with :data:`DEFAULT_SETTINGS` (any of them overridden by keyword)."""
+    cfg = {**DEFAULT_SETTINGS, **overrides}
+    unknown = set(cfg) - set(DEFAULT_SETTINGS)
+    if unknown:
+        raise TypeError(f"default_history_pool: unexpected settings {sorted(unknown)}; expected names from "
+                        f"{list(DEFAULT_SETTINGS)}")
+    pool = HistoryPool("decay", temperature=cfg["temperature"], decay=cfg["decay"], current_bias=cfg["current_bias"])
+    with torch.no_grad():
+        pool.role_bias[ROLES.index("assistant")] = cfg["assistant_bias"]
+    return pool
 
 
 def contextual_query(pool: HistoryPool, history: Sequence[Turn], question: str, encode: Any) -> tuple[Tensor, Tensor]:
