@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 pytest.importorskip("lancedb", reason="the knowledge base's store needs lancedb (the kb extra)")
-ray = pytest.importorskip("ray", reason="the Ray pipeline needs ray[data] (the kb-ray extra)")
+pytest.importorskip("ray.data", reason="the Ray pipeline needs ray[data] (the kb-ray extra)")
+
+import ray
 
 from attnpool.kb import Document, InputError, KnowledgeBase, read_documents
 from attnpool.kb.ray_pipeline import index_with_ray
@@ -169,7 +171,8 @@ def test_files_and_beir_corpus_read_by_ray_tasks(local_ray, tmp_path):
     KnowledgeBase(tmp_path / "single", HashEncoder(), **CHUNKING).index(read_documents(paths), progress=False)
     assert_same_store(tmp_path / "ray", tmp_path / "single")
     sources = {d["doc_id"]: d["source"] for d in snapshot(tmp_path / "ray")["docs"]}
-    assert sources["b0"] == f"{src / 'beir' / 'corpus.jsonl'}:1" and sources[str(src / "notes.md")] == str(src / "notes.md")
+    assert sources["b0"] == f"{src / 'beir' / 'corpus.jsonl'}:1"
+    assert sources[str(src / "notes.md")] == str(src / "notes.md")
 
     # bad input is reported before the store is touched, naming the file and line
     (src / "beir" / "corpus.jsonl").write_text('{"_id": "x", "text": "a"}\n{"_id": "x", "text": "b"}\n')
