@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import math
 import sys
@@ -14,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from attnpool.diagnostics.signals import effective_count, normalized_entropy
 from attnpool.kb import METHODS, StoreError
+from attnpool.kb.methods import LEXICAL_METHODS
 from attnpool.web.app import MAX_BODY_BYTES, MAX_QUERY_CHARS, history_query
 
 QUERY = "zebra quokka marmoset paragraph"
@@ -38,13 +40,17 @@ def test_info_describes_the_store_and_its_methods(client, kb):
     assert info["documents"] == kb.num_documents == 27 and info["chunks"] == kb.num_chunks
     assert info["model_id"] == "hash-encoder-32" and info["dim"] == 32
     # no head was trained in this store, so the head methods are listed as unavailable, with the reason
-    assert info["methods"] == [m for m in METHODS if m not in ("learned", "multi")]
-    assert set(info["unavailable_methods"]) == {"learned", "multi"}
+    assert info["methods"] == SEARCHABLE
+    assert set(info["unavailable_methods"]) == set(METHODS) - set(SEARCHABLE)
     assert "--save-heads" in info["unavailable_methods"]["learned"]
     assert info["limits"]["query_chars"] == MAX_QUERY_CHARS
 
 
-@pytest.mark.parametrize("method", ["first", "mean", "max", "attention"])
+SEARCHABLE = [m for m in METHODS if m not in ("learned", "multi")  # no head is trained in the test store
+              and (m not in LEXICAL_METHODS or importlib.util.find_spec("bm25s") is not None)]
+
+
+@pytest.mark.parametrize("method", SEARCHABLE)
 def test_search_returns_what_the_knowledge_base_returns(client, kb, method):
     r = client.post("/api/search", json={"query": QUERY, "method": method, "k": 5})
     assert r.status_code == 200, r.text
@@ -104,7 +110,7 @@ def test_a_lower_temperature_concentrates_the_weights(client):
 
 @pytest.mark.skipif(not conversation_available(), reason="attnpool.conversation (history pooling) is not present")
 def test_history_search_pools_the_conversation_into_the_query(client, kb):
-    from attnpool.conversation import HistoryPool, Turn, contextual_query
+    from attnpool.conversation import Turn, contextual_query, default_history_pool
 
     turns = [{"role": "user", "text": "how do I list pubsub topics"},
              {"role": "assistant", "text": "gcloud pubsub topics list"},
@@ -114,8 +120,8 @@ def test_history_search_pools_the_conversation_into_the_query(client, kb):
     body = r.json()
     assert len(body["turn_weights"]) == len(turns)
     assert sum(body["turn_weights"]) + body["message_weight"] == pytest.approx(1.0, abs=1e-5)
-    query, weights = contextual_query(HistoryPool().eval(), [Turn(**t) for t in turns], "and how do I delete it",
-                                      kb.encode_queries)
+    query, weights = contextual_query(default_history_pool().eval(), [Turn(**t) for t in turns],
+                                      "and how do I delete it", kb.encode_queries)
     assert body["turn_weights"] == pytest.approx(weights[:-1].tolist(), abs=1e-6)
     assert [h["doc_id"] for h in body["hits"]] == [h.doc_id for h in kb.search(query, k=3)]
     assert body["turn_pooling"]["n"] == len(turns) + 1
@@ -227,6 +233,7 @@ def test_unknown_http_method_or_path_is_a_4xx_with_a_clear_message(client, verb,
     ({"turns": [{"role": "user", "text": "hi"}] * 51, "message": "a"}, ["turns", "at most 50"]),
     ({"turns": "hello", "message": "a"}, ["turns", "list"]),
     ({"message": LONG}, ["message", "at most 2000 characters", "got 100000"]),
+    ({"message": "delete it", "method": "bm25"}, ["method", "'bm25'", "pooled vector", "attention"]),
 ])
 def test_bad_history_input_is_a_422_with_a_clear_message(client, body, words):
     r = client.post("/api/history/search", json=body)

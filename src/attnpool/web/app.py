@@ -20,7 +20,7 @@ on a few cores parallel searches would only compete for them.
 
 from __future__ import annotations
 
-import logging
+import importlib.util
 import math
 import threading
 import time
@@ -38,13 +38,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from attnpool.diagnostics.signals import effective_count, entropy, normalized_entropy
-from attnpool.kb.methods import METHODS
+from attnpool.kb.methods import LEXICAL_METHODS, METHODS
 from attnpool.kb.sources import InputError
 from attnpool.kb.store import StoreError
 
 __all__ = ["MAX_BODY_BYTES", "MAX_QUERY_CHARS", "HistoryUnavailable", "create_app", "history_query"]
-
-log = logging.getLogger("attnpool.web")
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_QUERY_CHARS = 2000
@@ -68,17 +66,17 @@ def history_query(kb: Any, turns: Sequence[dict[str, str]], message: str) -> tup
     """The query vector ``[D]`` for ``message`` in the context of ``turns`` (``{"role", "text"}``, oldest first), and
     the weights of the pooled set: one per turn, then the current message's (they sum to 1).
 
-    The web app's only contact with conversation pooling (:func:`attnpool.conversation.contextual_query` with a
-    default :class:`~attnpool.conversation.HistoryPool`); it holds no pooling of its own.
+    The web app's only contact with conversation pooling (:func:`attnpool.conversation.contextual_query` with
+    :func:`~attnpool.conversation.default_history_pool`); it holds no pooling of its own.
     """
     try:
-        from attnpool.conversation import HistoryPool, Turn, contextual_query
+        from attnpool.conversation import Turn, contextual_query, default_history_pool
     except ImportError as e:
         raise HistoryUnavailable("history search needs attnpool.conversation (conversation-history pooling), which "
                                  f"this build does not have ({e})") from e
     pool = _POOLS.get("default")
     if pool is None:
-        pool = _POOLS.setdefault("default", HistoryPool().eval())
+        pool = _POOLS.setdefault("default", default_history_pool().eval())
     query, weights = contextual_query(pool, [Turn(t["role"], t["text"]) for t in turns], message, kb.encode_queries)
     return query, [float(w) for w in weights]
 
@@ -342,6 +340,8 @@ def create_app(kb: Any, *, warm: bool = True) -> FastAPI:
     unavailable = {m: f"no trained head at {kb.head_path(m)} (train one with `attnpool kb eval BEIR_DIR --store "
                       f"{kb.path} --save-heads`)"
                    for m in HEAD_METHODS if not (kb.head_path(m) / "config.json").is_file()}
+    if importlib.util.find_spec("bm25s") is None:
+        unavailable.update({m: "BM25 needs the bm25s package (the kb extra)" for m in LEXICAL_METHODS})
     if warm:
         kb.search("warm up", k=1)
     app = FastAPI(title="attnpool knowledge base", version="1",
@@ -433,6 +433,9 @@ def create_app(kb: Any, *, warm: bool = True) -> FastAPI:
               summary="a conversation pooled into the query (turn weights returned), then search explained")
     def history_search(req: HistorySearchRequest) -> HistorySearchResponse:
         check_method(req.method)
+        if req.method in LEXICAL_METHODS:
+            raise InputError(f"method: {req.method!r} ranks by the query's words, and a history search's query is a "
+                             f"pooled vector; use one of {', '.join(m for m in METHODS if m not in LEXICAL_METHODS)}")
         start = time.perf_counter()
         with lock:
             query, turn_weights = history_query(kb, [t.model_dump() for t in req.turns], req.message)
