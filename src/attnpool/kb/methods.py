@@ -91,11 +91,10 @@ def static_scores(doc_vectors: Tensor, queries: Tensor) -> Tensor:
 
 
 def max_scores(chunks: ChunkMatrix, queries: Tensor) -> Tensor:
-    """``[Q, B]``: the best chunk's cosine per document (MaxSim)."""
+    """``[Q, B]``: the best chunk's cosine per document (MaxSim); ``-inf`` for a document without chunks."""
     sims = queries @ chunks.vectors.T  # [Q, N]
-    out = torch.full((queries.shape[0], chunks.num_docs), float("-inf"), dtype=sims.dtype)
-    index = chunks.doc_of_chunk().expand_as(sims)
-    return out.scatter_reduce(1, index, sims, reduce="amax", include_self=True)
+    offsets = chunks.offsets.expand(sims.shape[0], -1).contiguous()
+    return torch.segment_reduce(sims, "max", offsets=offsets, axis=1)
 
 
 def attention_scores(chunks: ChunkMatrix, queries: Tensor, temperature: float, *,
