@@ -120,6 +120,18 @@ def test_rerun_does_no_work_and_the_single_machine_path_agrees(built, tmp_path):
     r = KnowledgeBase(store, encoder, **CHUNKING).index(built["docs"], progress=False)
     assert (r.unchanged, r.chunks, encoder.calls) == (31, 0, 0)
 
+    # chunks a killed writer appended but never committed are invisible, and the next Ray run removes them
+    import pyarrow as pa
+
+    s = KnowledgeBase(store).store()
+    live = s.chunks.search().where("doc_id = 'doc001'").limit(None).to_arrow()
+    s.chunks.add(live.set_column(live.schema.get_field_index("doc_hash"), "doc_hash",
+                                 pa.array(["killed-run"] * live.num_rows)))
+    assert_same_store(store, built["root"] / "single")
+    r = index_with_ray(built["docs"], store, encoder_factory=HashEncoder, progress=False, **CHUNKING)
+    assert (r.orphans_removed, r.unchanged, r.chunks) == (live.num_rows, 31, 0)
+    assert KnowledgeBase(store).store().chunks.count_rows() == len(snapshot(store)["chunks"])
+
 
 def test_update_add_and_delete_match_the_single_machine_path(built, tmp_path):
     docs = built["docs"]
