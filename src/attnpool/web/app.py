@@ -14,8 +14,9 @@ error, ours or the framework's, is answered as ``{"message": "<what was wrong>",
 422 for a well-formed request with bad values (empty or too long query, unknown method, invalid JSON), 413 for a body
 over :data:`MAX_BODY_BYTES`, 404/405 for an unknown path or HTTP method, 501 while conversation pooling is missing.
 
-The knowledge base is called under one lock: the encoder's fast tokenizer is not safe to share between threads, and
-on a few cores parallel searches would only compete for them.
+The knowledge base is called under one lock: the encoder's Hugging Face fast tokenizer is not documented as safe to
+share between threads (it can raise "Already borrowed"), the knowledge base's caches are filled on first use, and the
+encoder already uses every core, so parallel searches would only compete for them.
 """
 
 from __future__ import annotations
