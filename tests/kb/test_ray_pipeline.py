@@ -186,6 +186,14 @@ def test_files_and_beir_corpus_read_by_ray_tasks(local_ray, tmp_path):
     assert sources["b0"] == f"{src / 'beir' / 'corpus.jsonl'}:1"
     assert sources[str(src / "notes.md")] == str(src / "notes.md")
 
+    # one file changed: the actors skip the 9 unchanged documents (their stored hash is current) and embed the other
+    (src / "notes.md").write_text("# Disks\nresize the disk, then snapshot it\n")
+    r = index_with_ray(paths, tmp_path / "ray", encoder_factory=HashEncoder, batch_size=2, progress=False,
+                       **CHUNKING)
+    assert (r.added, r.updated, r.unchanged, r.chunks) == (0, 1, 9, 1)
+    KnowledgeBase(tmp_path / "single", HashEncoder(), **CHUNKING).index(read_documents(paths), progress=False)
+    assert_same_store(tmp_path / "ray", tmp_path / "single")
+
     # bad input is reported before the store is touched, naming the file and line
     (src / "beir" / "corpus.jsonl").write_text('{"_id": "x", "text": "a"}\n{"_id": "x", "text": "b"}\n')
     with pytest.raises(InputError, match=r"corpus.jsonl:2: duplicate _id 'x'"):

@@ -7,7 +7,9 @@ the part that must be ordered runs in one place:
 
 1. **read** (Ray tasks): files are parsed where they are read (text, Markdown, HTML, BEIR ``corpus.jsonl``) and each
    document gets its content hash. The dataset is materialized, and the driver checks every id (read errors,
-   duplicates, an empty corpus) before the store is touched, and counts what is new, changed and unchanged.
+   duplicates, an empty corpus) before the store is touched, and counts what is new, changed and unchanged against
+   the store's current hashes. (Documents passed in memory are hashed on the driver, and only those that need work
+   become a Ray dataset.)
 2. **chunk and embed** (Ray actors, ``map_batches`` with a class): each actor loads the encoder once, skips documents
    whose stored hash is current, chunks the rest with :func:`attnpool.text.chunk_text` and embeds the chunks.
 3. **write** (the driver, the only writer): batches of embedded documents stream back in any order and each batch goes
@@ -80,18 +82,18 @@ def _read_file(row: dict[str, Any], settings: str) -> list[dict[str, Any]]:
 
 
 def _read_documents(ray: Any, docs_or_paths: Sequence[Document | str | os.PathLike[str]], settings: str,
-                    batch_size: int) -> tuple[Any, list[str], list[str]]:
+                    ) -> tuple[Any, list[str], list[str]]:
     """The documents as a materialized Ray dataset (``doc_id``, ``text``, ``title``, ``source``, ``doc_hash``), and
-    every document's id and hash, after checking the whole input: read errors, duplicate ids, nothing to index."""
+    every document's id and hash, after checking the whole input: read errors, duplicate ids, nothing to index.
+
+    Documents given in memory are hashed on the driver (a sha256 each) and the dataset is ``None``: the caller hands
+    Ray Data only those that need work.
+    """
     if all(isinstance(d, Document) for d in docs_or_paths):
         docs: list[Document] = list(docs_or_paths)  # type: ignore[arg-type]
-        # documents already in the driver's memory are hashed there (a sha256 each) and handed to Ray Data as they are
-        hashes = [content_hash(d, settings) for d in docs]
         ids = [d.doc_id for d in docs]
         _check_ids(ids, [d.source for d in docs], [])
-        items = [{"doc_id": d.doc_id, "text": d.text, "title": d.title, "source": d.source, "doc_hash": h}
-                 for d, h in zip(docs, hashes)]
-        return ray.data.from_items(items, override_num_blocks=min(-(-len(items) // batch_size), 1000)), ids, hashes
+        return None, ids, [content_hash(d, settings) for d in docs]
     if any(isinstance(d, Document) for d in docs_or_paths):
         raise InputError("docs_or_paths: expected Documents or paths, got a mix of both")
     from attnpool.kb.sources import _files
@@ -230,8 +232,7 @@ def index_with_ray(docs_or_paths: Sequence[Document | str | os.PathLike[str]], s
     """
     if not docs_or_paths:
         raise InputError("docs_or_paths: expected at least one document, file or directory, got none")
-    if isinstance(docs_or_paths, (str, os.PathLike, Document)):
-        docs_or_paths = [docs_or_paths]
+    docs_or_paths = [docs_or_paths] if isinstance(docs_or_paths, (str, os.PathLike, Document)) else list(docs_or_paths)
     if batch_size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size}")
     if concurrency is not None and concurrency < 1:
@@ -262,7 +263,7 @@ def index_with_ray(docs_or_paths: Sequence[Document | str | os.PathLike[str]], s
     if not progress:
         data_logger.setLevel(logging.WARNING)
     try:
-        docs, ids, hashes = _read_documents(ray, docs_or_paths, settings, batch_size)
+        docs, ids, hashes = _read_documents(ray, docs_or_paths, settings)
         store = LanceStore(store_path, meta)  # raises StoreError for another model's store, before any write
         report.orphans_removed = store.remove_orphans()
         existing = store.document_hashes()
@@ -277,7 +278,12 @@ def index_with_ray(docs_or_paths: Sequence[Document | str | os.PathLike[str]], s
         if todo:
             cpus = int(ray.cluster_resources().get("CPU", 1))
             actors = concurrency or max(1, min(cpus, -(-todo // batch_size)))
-            if docs.num_blocks() < min(actors, -(-len(ids) // batch_size)):
+            if docs is None:
+                items = [{"doc_id": d.doc_id, "text": d.text, "title": d.title, "source": d.source, "doc_hash": h}
+                         for d, h in zip(docs_or_paths, hashes)  # type: ignore[union-attr]
+                         if existing.get(d.doc_id) != h]  # type: ignore[union-attr]
+                docs = ray.data.from_items(items, override_num_blocks=min(-(-todo // batch_size), 1000))
+            elif docs.num_blocks() < min(actors, -(-len(ids) // batch_size)):
                 # one BEIR corpus.jsonl is read as one block: split it so that every actor gets work
                 docs = docs.repartition(-(-len(ids) // batch_size))
             embedded = docs.map_batches(
