@@ -2,7 +2,7 @@
 
 Starts `attnpool kb serve` in its own process on a free port, measures each endpoint one request at a time (the
 service time), then fires a few hundred requests at once (search, explain and history search mixed) and records
-errors and the latency percentiles. A request's latency runs from when the client sends it to its response, so under
+errors and the latency percentiles. A request's latency runs from when the client connects to its response, so under
 load it includes the wait behind the others in flight: the server answers one search at a time (the encoder is not
 shared between threads), so p95 under load is about (requests in flight) x (service time).
 
@@ -112,7 +112,7 @@ def screenshot(url: str, path: str, query: str, turns: str) -> None:
     """The page as a user sees it: the query typed into the search box (and turns into the conversation pane)."""
     from attnpool.web.browser import Chromium
 
-    with Chromium(width=1280, height=1000) as browser:
+    with Chromium(width=1280, height=1400) as browser:
         browser.navigate(url + "/")
         browser.wait_for("document.body && document.body.dataset.state === 'ready'")
         if turns:
@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{info['documents']} documents, {info['chunks']} chunks, {info['model_id']} ({info['dim']}-d), "
         f"temperature {info['temperature']:.3g}",
         f"- queries: {args.queries or 'random words'}; k = {args.k}; the server (`attnpool kb serve`, uvicorn, one "
-        f"process) ready {startup:.1f} s after its start; client httpx.AsyncClient in another process, loopback",
+        f"process) ready {startup:.1f} s after its start; the client (asyncio streams, one connection per request, "
+        "see attnpool.web.loadtest) in another process, on loopback",
         "",
         "## One request at a time (service time)",
         "",

@@ -14,21 +14,23 @@ error, ours or the framework's, is answered as ``{"message": "<what was wrong>",
 422 for a well-formed request with bad values (empty or too long query, unknown method, invalid JSON), 413 for a body
 over :data:`MAX_BODY_BYTES`, 404/405 for an unknown path or HTTP method, 501 while conversation pooling is missing.
 
-The knowledge base is called under one lock: the encoder's Hugging Face fast tokenizer is not documented as safe to
-share between threads (it can raise "Already borrowed"), the knowledge base's caches are filled on first use, and the
-encoder already uses every core, so parallel searches would only compete for them.
+The knowledge base is called from one worker thread: the encoder's Hugging Face fast tokenizer is not documented as
+safe to share between threads (it can raise "Already borrowed"), the knowledge base's caches are filled on first use,
+and the encoder already uses every core, so parallel searches would only compete for them.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import anyio
+import anyio.to_thread
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -336,7 +338,17 @@ def create_app(kb: Any, *, warm: bool = True) -> FastAPI:
     ``warm`` loads the store's vectors and the encoder now, so that a missing store fails here rather than on the
     first request, and the first request is not slow.
     """
-    lock = threading.Lock()
+    # one worker thread runs every call into the knowledge base; waiting requests queue in FIFO order on the event
+    # loop (a lock in the thread pool would park up to 40 threads that then contend with the loop for the GIL)
+    worker = anyio.CapacityLimiter(1)
+
+    async def in_worker(fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=worker)
+
+    def timed(fn: Any, /, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        return out, 1000 * (time.perf_counter() - start)
     meta = kb.store().meta  # raises StoreError for a missing or foreign store
     unavailable = {m: f"no trained head at {kb.head_path(m)} (train one with `attnpool kb eval BEIR_DIR --store "
                       f"{kb.path} --save-heads`)"
@@ -397,9 +409,8 @@ def create_app(kb: Any, *, warm: bool = True) -> FastAPI:
     }
 
     @app.get("/api/info", response_model=Info, summary="the store, its methods and the request limits")
-    def info() -> Info:
-        with lock:
-            docs, chunks = kb.num_documents, kb.num_chunks
+    async def info() -> Info:
+        docs, chunks = await in_worker(lambda: (kb.num_documents, kb.num_chunks))
         return Info(store=str(kb.path), documents=docs, chunks=chunks, model_id=str(meta["model_id"]),
                     dim=int(meta["dim"]), temperature=kb.temperature(),
                     methods=[m for m in METHODS if m not in unavailable], unavailable_methods=unavailable,
@@ -408,43 +419,41 @@ def create_app(kb: Any, *, warm: bool = True) -> FastAPI:
 
     @app.post("/api/search", response_model=SearchResponse, responses=errors,
               summary="the k best documents for a query")
-    def search(req: SearchRequest) -> SearchResponse:
+    async def search(req: SearchRequest) -> SearchResponse:
         check_method(req.method)
-        start = time.perf_counter()
-        with lock:
-            hits = kb.search(req.query, method=req.method, k=req.k, temperature=req.temperature)
+        hits, took = await in_worker(timed, kb.search, req.query, method=req.method, k=req.k,
+                                     temperature=req.temperature)
         return SearchResponse(query=req.query, method=req.method, temperature=temperature(req.temperature),
-                              took_ms=1000 * (time.perf_counter() - start),
+                              took_ms=took,
                               hits=[HitOut(doc_id=h.doc_id, score=h.score, title=h.title) for h in hits])
 
     @app.post("/api/explain", response_model=ExplainResponse, responses=errors,
               summary="search, with each hit's chunk attention weights and the pooling's entropy and effective N")
-    def explain(req: ExplainRequest) -> ExplainResponse:
+    async def explain(req: ExplainRequest) -> ExplainResponse:
         check_method(req.method)
-        start = time.perf_counter()
-        with lock:
-            hits = kb.search(req.query, method=req.method, k=req.k, explain=True, temperature=req.temperature,
-                             top_chunks=req.top_chunks)
+        hits, took = await in_worker(timed, kb.search, req.query, method=req.method, k=req.k, explain=True,
+                                     temperature=req.temperature, top_chunks=req.top_chunks)
         out, summary = _explained(hits)
         return ExplainResponse(query=req.query, method=req.method, temperature=temperature(req.temperature),
-                               took_ms=1000 * (time.perf_counter() - start), hits=out, diagnostics=summary)
+                               took_ms=took, hits=out, diagnostics=summary)
 
     @app.post("/api/history/search", response_model=HistorySearchResponse,
               responses={**errors, 501: {"model": ErrorResponse, "description": "conversation pooling missing"}},
               summary="a conversation pooled into the query (turn weights returned), then search explained")
-    def history_search(req: HistorySearchRequest) -> HistorySearchResponse:
+    async def history_search(req: HistorySearchRequest) -> HistorySearchResponse:
         check_method(req.method)
         if req.method in LEXICAL_METHODS:
             raise InputError(f"method: {req.method!r} ranks by the query's words, and a history search's query is a "
                              f"pooled vector; use one of {', '.join(m for m in METHODS if m not in LEXICAL_METHODS)}")
-        start = time.perf_counter()
-        with lock:
+        def run() -> tuple[list[float], list[Any]]:
             query, turn_weights = history_query(kb, [t.model_dump() for t in req.turns], req.message)
-            hits = kb.search(query, method=req.method, k=req.k, explain=True, temperature=req.temperature,
-                             top_chunks=req.top_chunks)
+            return turn_weights, kb.search(query, method=req.method, k=req.k, explain=True,
+                                           temperature=req.temperature, top_chunks=req.top_chunks)
+
+        (turn_weights, hits), took = await in_worker(timed, run)
         out, summary = _explained(hits)
         return HistorySearchResponse(query=req.message, method=req.method, temperature=temperature(req.temperature),
-                                     took_ms=1000 * (time.perf_counter() - start), hits=out, diagnostics=summary,
+                                     took_ms=took, hits=out, diagnostics=summary,
                                      turn_weights=turn_weights[:-1], message_weight=turn_weights[-1],
                                      turn_pooling=pooling_diagnostics(turn_weights))
 
