@@ -95,6 +95,7 @@ def test_same_store_as_the_single_machine_path(built):
     assert (r.added, r.updated, r.unchanged, r.deleted) == (31, 0, 0, 0)
     assert_same_store(built["root"] / "ray", built["root"] / "single")
     assert r.chunks == len(snapshot(built["root"] / "ray")["chunks"]) > 31
+    assert 0 < r.encode_seconds <= r.seconds and 0 <= r.outside_encoder_fraction < 1
 
 
 def test_search_reads_the_ray_store_like_the_single_machine_one(built):
