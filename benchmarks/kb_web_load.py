@@ -46,6 +46,15 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown commit"
+
+
 def synthetic_store(path: Path, docs: int, seed: int) -> None:
     from attnpool.kb import Document, KnowledgeBase
 
@@ -213,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {cpu_model()}, {os.cpu_count()} cores (VM); 1-minute load average {load1_before:.1f} before the "
         f"load, {load1_after:.1f} after" + (" — **other jobs shared the cores: the latencies are noisy and "
                                             "pessimistic**" if max(load1_before, load1_after) > 1.5 else ""),
-        f"- python {platform.python_version()}, torch {torch.__version__}, attnpool {attnpool.__version__}",
+        f"- python {platform.python_version()}, torch {torch.__version__}, attnpool {attnpool.__version__} @ "
+        f"{git_commit()}",
         f"- store: {args.store or f'synthetic, {args.docs} documents of random words (seed {args.seed})'}: "
         f"{info['documents']} documents, {info['chunks']} chunks, {info['model_id']} ({info['dim']}-d), "
         f"temperature {info['temperature']:.3g}",
@@ -240,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         f"| {s['requests']} | {s['ok']} | {s['errors']} | {s['statuses']} | {s['seconds']} | {s['throughput_rps']} | "
         f"{s['p50_ms']} | {s['p95_ms']} | {s['p99_ms']} | {s['max_ms']} |",
         "",
-        "The server answers one search at a time (one lock around the knowledge base, whose encoder is not shared "
-        "between threads), so under load a request waits for those ahead of it: p95 is about the number in flight "
-        "times the mean service time. Errors are transport errors and non-2xx answers.",
+        "The server answers one search at a time (one worker thread calls the knowledge base, whose encoder is not "
+        "shared between threads; the others wait in a FIFO queue), so under load a request waits for those ahead of "
+        "it: p50 is about half the wall time and p95 about 95% of it. Errors are transport errors, non-2xx answers "
+        "and 2xx bodies that are not JSON with hits.",
         "",
     ]
     if load.errors:
