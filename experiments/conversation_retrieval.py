@@ -36,8 +36,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "gcloud-man"
 DEFAULT_OUT = REPO / "experiments" / "results" / "conversation"
-GRID = {"temperature": (0.05, 0.1, 0.2, 0.4, 1.0), "decay": (0.0, 0.25, 0.5, 1.0, 2.0),
-        "current_bias": (-3.0, -1.5, 0.0, 1.5), "assistant_bias": (-1.0, 0.0, 1.0)}
+GRID = {"temperature": (0.05, 0.1, 0.2, 0.5), "decay": (0.0, 0.5, 1.0, 2.0),
+        "current_bias": (-2.0, -1.0, 0.0, 1.0), "assistant_bias": (-1.0, 0.0, 1.0)}
 RECENCY_GRID = {"temperature": (1e9,), "decay": (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
                 "current_bias": (-1.0, 0.0, 1.0, 2.0, 3.0)}
 METRICS = ("ndcg@10", "recall@10")
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="the gcloud-man BEIR directory")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--seed", type=int, default=0, help="generator, split and bootstrap seed")
-    ap.add_argument("--per-group", type=int, default=6, help="conversations per command group")
+    ap.add_argument("--per-group", type=int, default=4, help="conversations per command group")
     ap.add_argument("--resamples", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--machine", default="2-core AMD EPYC VM, shared with other jobs at the time")

@@ -37,9 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "gcloud-man"
 DEFAULT_OUT = REPO / "experiments" / "results" / "passages"
 BUDGETS = (256, 512, 1024)
-T_GRID = (0.05, 0.1, 0.2, 0.5, 1.0)
-TDOC_GRID = (0.01, 0.02, 0.05, 0.1)
-DIVERSITY_GRID = (0.1, 0.2, 0.3, 0.5, 0.7)
+T_GRID = (0.05, 0.1, 0.2, 0.5)
+TDOC_GRID = (0.01, 0.03, 0.1)
+DIVERSITY_GRID = (0.1, 0.3, 0.5)
 METRICS = ("passage_recall", "gold_hit", "documents")
 
 

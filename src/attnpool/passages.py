@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -126,28 +127,29 @@ def select_passages(passages: Sequence[Passage], vectors: Tensor, weights: Tenso
     for i, p in enumerate(passages):
         if not isinstance(p.num_tokens, int) or p.num_tokens < 0:
             raise ValueError(f"passages[{i}].num_tokens: expected an int >= 0, got {p.num_tokens!r}")
-    tokens = torch.tensor([p.num_tokens for p in passages], dtype=torch.long)
-    w = weights.double()
-    relevance = w / w.max() if n and float(w.max()) > 0 else w
-    v = torch.nn.functional.normalize(vectors.double(), dim=-1)
-    max_sim = torch.full((n,), -1.0, dtype=torch.float64)
-    available = torch.ones(n, dtype=torch.bool)
+    # small arrays, many steps: numpy keeps the per-step overhead in microseconds
+    tokens = np.array([p.num_tokens for p in passages], dtype=np.int64)
+    w = weights.detach().double().cpu().numpy()
+    relevance = w / w.max() if n and w.max() > 0 else w
+    v = torch.nn.functional.normalize(vectors.detach().double(), dim=-1).cpu().numpy()
+    sims = v @ v.T
+    max_sim = np.full(n, -1.0)
+    available = np.ones(n, dtype=bool)
     chosen: list[int] = []
     left = budget
     while True:
         fits = available & (tokens <= left)
-        if not bool(fits.any()):
+        if not fits.any():
             break
-        score = (1 - diversity) * relevance - diversity * max_sim.clamp_min(0) if chosen else relevance.clone()
-        score = score.masked_fill(~fits, float("-inf"))
-        best = int(torch.argmax(score))  # ties: the first candidate
+        score = (1 - diversity) * relevance - diversity * np.maximum(max_sim, 0.0) if chosen else relevance.copy()
+        score[~fits] = -np.inf
+        best = int(np.argmax(score))  # ties: the first candidate
         chosen.append(best)
         available[best] = False
         left -= int(tokens[best])
-        sims = v @ v[best]
-        max_sim = torch.maximum(max_sim, sims)
+        max_sim = np.maximum(max_sim, sims[best])
         if diversity > 0:
-            available &= sims < duplicate_threshold
+            available &= sims[best] < duplicate_threshold
     picked = []
     for i in chosen:
         p = passages[i]
