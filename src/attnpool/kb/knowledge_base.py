@@ -327,13 +327,14 @@ class KnowledgeBase:
         chunks = self.chunk_matrix()
         t = self.temperature() if temperature is None else temperature
         hits = []
+        texts_of = self.store().chunk_texts_of([stored.doc_ids[d] for d in top.indices.tolist()]) if explain else {}
         for s, d in zip(top.values.tolist(), top.indices.tolist()):
             hit = Hit(stored.doc_ids[d], float(s), stored.titles[d])
             if explain:
                 a, b = int(chunks.offsets[d]), int(chunks.offsets[d + 1])
                 sims = chunks.vectors[a:b] @ qv
                 weights = M.attention_weights(chunks.vectors[a:b], qv, t)
-                texts = {r["chunk_index"]: r["text"] for r in self.store().chunk_texts(hit.doc_id)}
+                texts = {r["chunk_index"]: r["text"] for r in texts_of.get(hit.doc_id, [])}
                 best = set(torch.argsort(weights, descending=True)[:top_chunks].tolist())
                 hit.chunks = [ChunkHit(i, float(weights[i]), float(sims[i]), int(stored.starts[a + i]),
                                        int(stored.ends[a + i]), texts.get(i, "") if i in best else "")

@@ -179,12 +179,21 @@ class LanceStore:
 
     def chunk_texts(self, doc_id: str) -> list[dict[str, Any]]:
         """The live chunks of one document, in order: ``chunk_index``, ``start``, ``end``, ``text``."""
-        current = self.document_hashes().get(doc_id)
-        if current is None:
-            return []
-        rows = (self.chunks.search().where(f"doc_id = {_sql_str(doc_id)} AND doc_hash = {_sql_str(current)}")
-                .select(["chunk_index", "start", "end", "text"]).limit(None).to_arrow().to_pylist())
-        return sorted(rows, key=lambda r: r["chunk_index"])
+        return self.chunk_texts_of([doc_id]).get(doc_id, [])
+
+    def chunk_texts_of(self, doc_ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        """The live chunks of several documents (one query), each list in chunk order."""
+        current = self.document_hashes()
+        pairs = [(d, current[d]) for d in dict.fromkeys(doc_ids) if d in current]
+        if not pairs:
+            return {}
+        clause = " OR ".join(f"(doc_id = {_sql_str(d)} AND doc_hash = {_sql_str(h)})" for d, h in pairs)
+        rows = (self.chunks.search().where(clause).select(["doc_id", "chunk_index", "start", "end", "text"])
+                .limit(None).to_arrow().to_pylist())
+        out: dict[str, list[dict[str, Any]]] = {}
+        for r in sorted(rows, key=lambda r: (r["doc_id"], r["chunk_index"])):
+            out.setdefault(r.pop("doc_id"), []).append(r)
+        return out
 
     def document_texts(self, doc_ids: Sequence[str]) -> list[str]:
         """Each document's text, put back together from its live chunks
