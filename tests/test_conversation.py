@@ -374,6 +374,11 @@ def test_cli_search_with_history(tmp_path, monkeypatch, capsys, small_kb):
     assert [x["doc_id"] for x in data["hits"]] == [x.doc_id for x in small_kb.search(q)]
     code, out = run_cli(monkeypatch, small_kb, ["kb", "search", "delete it", "--history", str(h)], capsys)
     assert code == 0 and "turn weights" in out.out and "assistant" in out.out
+    h.write_text("[]")  # no history: the question alone, as a plain search
+    code, out = run_cli(monkeypatch, small_kb, ["kb", "search", "delete it", "--history", str(h), "--json"], capsys)
+    data = json.loads(out.out)
+    assert code == 0 and [t["weight"] for t in data["turn_weights"]] == pytest.approx([1.0])
+    assert [x["doc_id"] for x in data["hits"]] == [x.doc_id for x in small_kb.search("delete it")]
 
 
 def test_cli_search_with_bad_history_is_one_clear_line(tmp_path, monkeypatch, capsys, small_kb):
