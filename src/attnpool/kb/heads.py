@@ -3,7 +3,7 @@
 Both heads start as mean pooling, so training moves away from a known baseline rather than from noise:
 
 * ``learned``: :class:`~attnpool.nn.AttentionPool` with one learned query, initialized to zero (uniform weights,
-  i.e. the mean of the chunks), and a key projection initialized to zero. The document vector stays a convex
+  i.e. the mean of the chunks), and a key projection initialized to the identity. The document vector stays a convex
   combination of its chunk vectors, so it lives in the encoder's space and is compared with the query by cosine.
 * ``multi``: :class:`~attnpool.nn.PMA` (Lee et al. 2019) with ``k`` seeds, no input rFF and no output projection;
   its value projection starts as the identity and its rFF as zero, so each of the ``k`` vectors starts near the mean
@@ -36,8 +36,11 @@ def build_head(kind: str, dim: int, *, num_vectors: int = 4, seed: int = 0) -> n
     if kind == "learned":
         head = AttentionPool(dim, num_queries=1, key_proj=True)
         with torch.no_grad():
-            for p in head.parameters():
-                p.zero_()
+            # query 0 gives uniform weights (the mean); the key projection must not start at 0 as well, or both
+            # gradients vanish (each one is proportional to the other) and training never leaves the mean
+            head.query.zero_()
+            head.key_proj.weight.copy_(torch.eye(dim))
+            head.key_proj.bias.zero_()
         return head
     if kind == "multi":
         pma = PMA(dim, num_vectors, 1, input_ff=False, out_proj=False)
