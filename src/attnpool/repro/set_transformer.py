@@ -85,8 +85,9 @@ PAPER_CLUSTERING: dict[str, tuple[float, float]] = {
 }
 PAPER_ORACLE = -1.4726
 
-# The committed run's step counts (see experiments/README.md): the most that fits about an hour of wall time on a
-# shared 2-core machine with two one-thread workers. The paper trains 20k (max) and 50k (clustering) steps.
+# The committed run's step counts (see experiments/README.md): what fitted about an hour of wall time on a 2-core
+# machine shared with other jobs (load average near 15), with two one-thread workers. The paper trains 20k (max) and
+# 50k (clustering) steps; pass --max-steps/--clustering-steps for more.
 DEFAULT_MAX_STEPS = 2000
 DEFAULT_CLUSTERING_STEPS = 100
 DEFAULT_REPEATS = 5
@@ -94,6 +95,7 @@ LR_DROP_AT = 0.7  # clustering: lr 1e-3 -> 1e-4 from this fraction of the steps 
 
 MAX_CONFIG = {"batch_size": 128, "max_size": 10, "high": 100.0, "width": 64, "heads": 4, "lr": 1e-3,
               "test_sets": 10_000}
+# "inducing" records the m of "ISAB(16) + PMA" (the model name sets it)
 CLUSTERING_CONFIG = {"datasets_per_step": 10, "min_size": 100, "max_size": 500, "components": 4, "mean_range": 4.0,
                      "std": 0.3, "width": 128, "heads": 4, "inducing": 16, "lr": 1e-3, "test_datasets": 300}
 QUICK_OVERRIDES = {
