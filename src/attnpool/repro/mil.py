@@ -13,14 +13,14 @@ Protocol (Ilse et al., Sec. 5.1): 10-fold cross-validation, stratified by bag la
 fold assignments; features standardized inside each fold with the mean and std of the fold's training instances
 only; accuracy reported as mean ± std over the 50 test folds, plus AUC.
 
-Training. The paper trains with one bag per step. Here the 50 fold models of one pooling are trained *at the same
-time* as one batched model: at each step every model takes one bag of its own training set, so each model's
-updates are exactly those of training it alone (the loss is the sum of the models' losses, parameters are stacked
-``[M, ...]`` and Adam is element-wise, with a step count per model). The instance MLP runs on the models' bags
-packed (``[N, F]`` split by model) or padded (``[M, L, F]``), whichever is cheaper for the step; the pooling is the
-attnpool module itself, run per model through :func:`torch.func.vmap` over ``functional_call`` on padded bags with
-a mask, so each bag keeps its own softmax. Evaluation and the explanations use the ordinary single-model path on
-packed bags (:meth:`MilNet.forward`, ``return_weights=True``).
+Training. The 50 fold models of one pooling are trained *at the same time* as one batched model
+(:class:`BatchedMil`): at each step every model takes ``B`` bags of its own training set (the paper: ``B = 1``; the
+default recipes: 8), and each model's updates are exactly those of training it alone (the loss is the sum of the
+models' losses, parameters are stacked ``[M, ...]``, and one fused Adam is element-wise). The instance MLP runs as
+batched matmuls on each model's packed bags, the models sorted by instance count and cut into chunks padded to
+their own largest count; the pooling is the attnpool module itself, run per model through :func:`torch.func.vmap`
+over ``functional_call`` on padded bags with a mask, so each bag keeps its own softmax. Evaluation and the
+explanations use the ordinary single-model path on packed bags (:meth:`MilNet.forward`, ``return_weights=True``).
 
 The hyperparameters and every choice where the paper is silent or was not available are in :data:`PAPER_SETUP`
 and in ``experiments/README.md``.
@@ -441,13 +441,13 @@ class PoolResult:
 
 def train_batched(batch: BatchedMil, data: MilBags, plans: Sequence[FoldPlan], cfg: MilConfig,
                   progress: Any = None) -> list[int]:
-    """Train every model of ``batch`` on its plan's bags, one bag per step; returns the epochs each ran.
+    """Train every model of ``batch`` on its plan's bags, ``cfg.bags_per_step`` per step; returns the epochs each ran.
 
     Adam is element-wise, so one fused Adam over the stacked ``[M, ...]`` parameters updates each model exactly
     as its own Adam would, given that the loss is the sum of the models' losses. An epoch has as many steps as
-    the largest training set; a model with fewer bags (folds differ by one bag) starts its permutation again for
-    the missing step(s). A model that stopped early keeps training with the others, but the weights it ends with
-    are those of its best validation epoch, frozen when it stopped.
+    the largest training set needs; a model with fewer bags (folds differ by one bag) starts its permutation again
+    for the missing slot(s). A model that stopped early leaves the forward pass (Adam's momentum still moves its
+    stacked weights) and ends with the weights of its best validation epoch, saved when it was reached.
     """
     m_count = len(plans)
     gens = [torch.Generator().manual_seed(p.seed) for p in plans]
