@@ -88,6 +88,7 @@ class KnowledgeBase:
         self.max_tokens, self.overlap = max_tokens, overlap
         self._store: LanceStore | None = None
         self._cache: dict[str, Any] | None = None
+        self._settings: dict[str, Any] | None = None
 
     # -- parts -----------------------------------------------------------------------------------------------------
 
@@ -125,15 +126,18 @@ class KnowledgeBase:
 
     @property
     def settings(self) -> dict[str, Any]:
-        p = self.path / SETTINGS_FILE
-        if p.is_file():
+        """What tuning saved beside the index (temperature, fusion weight); read once, then kept."""
+        if self._settings is None:
+            p = self.path / SETTINGS_FILE
             import json
 
-            return dict(json.loads(p.read_text(encoding="utf-8")))
-        return {}
+            self._settings = dict(json.loads(p.read_text(encoding="utf-8"))) if p.is_file() else {}
+        return dict(self._settings)
 
     def save_settings(self, **values: Any) -> None:
-        write_json_atomic(self.path / SETTINGS_FILE, {**self.settings, **values})
+        merged = {**self.settings, **values}
+        write_json_atomic(self.path / SETTINGS_FILE, merged)
+        self._settings = merged
 
     # -- indexing --------------------------------------------------------------------------------------------------
 
@@ -235,6 +239,8 @@ class KnowledgeBase:
             chunks = self.chunk_matrix()
             if method == "mean":
                 cache[method] = M.mean_vectors(chunks)
+            elif method == "first":
+                cache[method] = M.first_vectors(chunks)
             else:
                 path = self.head_path(method)
                 if not (path / "config.json").is_file():
@@ -247,6 +253,8 @@ class KnowledgeBase:
                                      f"{self.store().meta['model_id']}")
                 with torch.inference_mode():
                     cache[method] = _head_vectors(head, chunks)
+            # unit norm once here, not on every query
+            cache[method] = torch.nn.functional.normalize(cache[method], dim=-1, eps=1e-12).contiguous()
         return cache[method]  # type: ignore[no-any-return]
 
     def temperature(self) -> float:
@@ -283,7 +291,8 @@ class KnowledgeBase:
         t = self.temperature() if temperature is None else temperature
         with torch.inference_mode():
             if method == "first":
-                return M.first_scores(chunks, queries)
+                return M.static_scores(self._static_vectors("first"), queries, normalized=True).masked_fill(
+                    chunks.lengths == 0, float("-inf"))
             if method == "max":
                 return M.max_scores(chunks, queries)
             if method == "attention":
@@ -297,7 +306,7 @@ class KnowledgeBase:
                     return M.reciprocal_rank_fusion([lexical, dense])
                 w = self.fusion_weight() if fusion_weight is None else fusion_weight
                 return M.zscore_fusion([lexical, dense], [w, 1.0 - w])
-            return M.static_scores(self._static_vectors(method), queries)
+            return M.static_scores(self._static_vectors(method), queries, normalized=True)
 
     def encode_queries(self, texts: Sequence[str]) -> Tensor:
         self._default_encoder_from_store()

@@ -69,11 +69,17 @@ def _normalize(x: Tensor) -> Tensor:
     return torch.nn.functional.normalize(x, dim=-1, eps=1e-12)
 
 
+def first_vectors(chunks: ChunkMatrix) -> Tensor:
+    """``[B, D]``: each document's first chunk vector (0 for a document without chunks)."""
+    out = torch.zeros(chunks.num_docs, chunks.vectors.shape[1], dtype=chunks.vectors.dtype)
+    has = chunks.lengths > 0
+    out[has] = chunks.vectors[chunks.offsets[:-1][has]]
+    return out
+
+
 def first_scores(chunks: ChunkMatrix, queries: Tensor) -> Tensor:
     """``[Q, B]``: cosine of each query with each document's first chunk (``-inf`` for a document without chunks)."""
-    firsts = chunks.vectors[chunks.offsets[:-1].clamp(max=max(chunks.vectors.shape[0] - 1, 0))]
-    scores = queries @ firsts.T
-    return scores.masked_fill(chunks.lengths == 0, float("-inf"))
+    return (queries @ first_vectors(chunks).T).masked_fill(chunks.lengths == 0, float("-inf"))
 
 
 def mean_vectors(chunks: ChunkMatrix) -> Tensor:
@@ -83,11 +89,13 @@ def mean_vectors(chunks: ChunkMatrix) -> Tensor:
     return _normalize(sums)
 
 
-def static_scores(doc_vectors: Tensor, queries: Tensor) -> Tensor:
-    """``[Q, B]`` from static document vectors ``[B, D]`` (one per document) or ``[B, k, D]`` (the best of ``k``)."""
-    if doc_vectors.dim() == 2:
-        return queries @ _normalize(doc_vectors).T
-    return torch.einsum("qd,bkd->qbk", queries, _normalize(doc_vectors)).amax(-1)
+def static_scores(doc_vectors: Tensor, queries: Tensor, *, normalized: bool = False) -> Tensor:
+    """``[Q, B]`` from static document vectors ``[B, D]`` (one per document) or ``[B, k, D]`` (the best of ``k``);
+    ``normalized`` says they are unit norm already (cached), which saves a copy per query."""
+    vectors = doc_vectors if normalized else _normalize(doc_vectors)
+    if vectors.dim() == 2:
+        return queries @ vectors.T
+    return torch.einsum("qd,bkd->qbk", queries, vectors).amax(-1)
 
 
 def max_scores(chunks: ChunkMatrix, queries: Tensor) -> Tensor:
@@ -106,7 +114,8 @@ def attention_scores(chunks: ChunkMatrix, queries: Tensor, temperature: float, *
         q = queries[i:i + query_block]
         pooled = attention_pool(chunks.vectors, q, offsets=chunks.offsets, scale=1.0, temperature=temperature)
         pooled = pooled.reshape(chunks.num_docs, q.shape[0], -1)  # [B, Qb, D]
-        out[i:i + query_block] = torch.einsum("qd,bqd->qb", q, _normalize(pooled))
+        # cos(q, p) without writing a normalized copy of the pooled vectors
+        out[i:i + query_block] = torch.einsum("qd,bqd->qb", q, pooled) / pooled.norm(dim=-1).T.clamp(min=1e-12)
     return out.masked_fill(chunks.lengths == 0, float("-inf"))
 
 
