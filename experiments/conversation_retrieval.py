@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--machine", default="2-core AMD EPYC VM, shared with other jobs at the time")
     ap.add_argument("--date", default=None, help="the date written in results.md (default: today, UTC)")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite results.md and comparison.png in --out from its results.json")
     return ap.parse_args(argv)
 
 
@@ -76,6 +78,11 @@ def pad(conv_vectors: list[torch.Tensor], roles: list[list[int]]) -> tuple[torch
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        result = json.loads((args.out / "results.json").read_text(encoding="utf-8"))
+        (args.out / "results.md").write_text(markdown(result), encoding="utf-8")
+        plot(result, args.out / "comparison.png")
+        return 0
     torch.set_num_threads(args.threads)
     from attnpool.conversation import KINDS, ROLES, HistoryPool, default_history_pool, generate_conversations
     from attnpool.kb import KnowledgeBase
@@ -225,6 +232,18 @@ def markdown(r: dict[str, Any]) -> str:
              f"{r['num_test']} test ({len(r['test_groups'])} groups). Documents scored with the knowledge base's "
              f"`attention` method (T = {r['document_temperature']}), store `{r['store']}` "
              f"({r['store_meta'].get('model_id')}, {r['store_meta'].get('max_tokens')}-token chunks).", "",
+             "## The benchmark", "",
+             "Generator: `attnpool.conversation.generate_conversations(corpus, queries, qrels, seed, per_group)` "
+             "(documented in its docstring). Pages are grouped by command group (`gcloud sql instances`); a "
+             "conversation walks through 2-3 commands of one group (e.g. create, then list, then delete). The first "
+             "question is the page's one-line description; follow-ups are elliptical: the resource's noun phrase is "
+             "replaced by a pronoun (`elide_resource`: 'delete a Cloud SQL instance' -> 'delete it'). Each user "
+             "turn but the last is answered by an assistant turn that names the command and quotes its description. "
+             "The target is the page of the last turn. Four kinds, in equal numbers: `follow-up` (the chain alone), "
+             "`topic-shift` (a chain about another group first), `chit-chat` (two small-talk turns just before the "
+             "last turn), `off-topic` (an unrelated question and its answer just before the last turn, which starts "
+             "'Back to my earlier question: ...'). Example (test split):", "",
+             *_example(r), "",
              "Settings chosen on the tune split (nDCG@10): " + "; ".join(
                  f"{m}: " + ", ".join(f"{k}={v}" for k, v in cfg.items()) for m, cfg in r["chosen"].items()), "",
              "## Test split: mean with 95% bootstrap CI", "",
@@ -247,6 +266,18 @@ def markdown(r: dict[str, Any]) -> str:
               for k, v in r["weights_by_kind"].items()]
     lines += ["", "Time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["timing"].items()), ""]
     return "\n".join(lines)
+
+
+def _example(r: dict[str, Any]) -> list[str]:
+    out = []
+    seen = set()
+    for ex in r["examples"]:
+        if ex["kind"] in seen or ex["kind"] not in ("off-topic", "topic-shift"):
+            continue
+        seen.add(ex["kind"])
+        out.append(f"- `{ex['kind']}`, target `{ex['target']}` ({ex['group']}):")
+        out += [f"  - {t['role']}: {t['text']}" for t in ex["turns"]]
+    return out
 
 
 def plot(r: dict[str, Any], path: Path) -> None:
