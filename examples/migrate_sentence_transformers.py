@@ -14,9 +14,9 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
-from attnpool.demo import encoder_model_dir  # all-MiniLM-L6-v2's directory inside the installed wheel
+from attnpool.text import default_model_dir  # all-MiniLM-L6-v2's directory inside the installed wheel
 
-model_dir = str(encoder_model_dir())
+model_dir = str(default_model_dir())
 texts = ["a cat sat on the mat", "attention pooling turns a set of vectors into one", "hi"]
 
 # --8<-- [start:before]

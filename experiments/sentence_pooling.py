@@ -65,14 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def machine_description(note: str | None) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from attnpool._machine import cpu_name
+
+    cpu = cpu_name()
     text = f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
     return f"{text}; {note}" if note else text
 

