@@ -30,7 +30,8 @@ from torch import Tensor
 
 from attnpool.functional import attention_pool
 
-__all__ = ["Passage", "PassageTable", "Selection", "candidate_passages", "passage_weights", "select_passages"]
+__all__ = ["Passage", "PassageTable", "Selection", "candidate_passages", "passage_weights", "passages_for_question",
+           "select_passages"]
 
 MODES = ("hierarchical", "flat")
 
@@ -201,3 +202,18 @@ def candidate_passages(kb: Any, question: Tensor, *, num_docs: int = 10, table: 
     passages = [Passage(p.doc_id, p.index, p.start, p.end, p.num_tokens, p.text, 0.0, s)
                 for p, s in zip(passages, sims)]
     return passages, vectors
+
+
+def passages_for_question(kb: Any, question: str, *, budget: int = 512, diversity: float = 0.3, num_docs: int = 10,
+                          table: PassageTable | None = None) -> Selection:
+    """The passages of the ``num_docs`` best documents for ``question`` weighted by attention pooling with the question
+    as the query, selected within ``budget`` tokens (``attnpool kb passages`` and the web API's ``/api/passages``)."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("question: expected a non-empty question, got an empty string")
+    if budget < 1:
+        raise ValueError(f"budget: expected an integer >= 1 (tokens), got {budget}")
+    q = kb.encode_queries([question])[0]
+    passages, vectors = candidate_passages(kb, q, num_docs=num_docs, table=table)
+    weights = passage_weights(q, vectors, [p.doc_id for p in passages])
+    return select_passages(passages, vectors, weights, budget=budget, diversity=diversity)
+

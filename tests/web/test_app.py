@@ -304,3 +304,29 @@ def test_kb_serve_subcommand_calls_the_server(monkeypatch, tmp_path):
     monkeypatch.setattr("attnpool.web.app.serve", lambda store, **kw: seen.update(store=store, **kw))
     assert main(["kb", "serve", "--store", str(tmp_path), "--port", "8123"]) == 0
     assert seen == {"store": str(tmp_path), "host": "127.0.0.1", "port": 8123, "model": None}
+
+
+def test_passages_fit_the_budget_and_carry_their_source(client, kb):
+    from attnpool.passages import passages_for_question
+
+    r = client.post("/api/passages", json={"query": QUERY, "budget": 300, "diversity": 0.3, "docs": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert 0 < body["tokens"] <= 300 and body["tokens"] == sum(p["num_tokens"] for p in body["passages"])
+    want = passages_for_question(kb, QUERY, budget=300, diversity=0.3, num_docs=5)
+    assert [(p["doc_id"], p["index"]) for p in body["passages"]] == [(p.doc_id, p.index) for p in want.passages]
+    for p in body["passages"]:
+        chunk = kb.store().chunk_texts(p["doc_id"])[p["index"]]
+        assert (chunk["start"], chunk["end"], chunk["text"]) == (p["start"], p["end"], p["text"])
+    assert "/api/passages" in client.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"query": QUERY, "budget": 0}, "budget"),
+    ({"query": QUERY, "diversity": 2}, "diversity"),
+    ({"query": "   "}, "query"),
+    ({"query": QUERY, "docs": 0}, "docs"),
+])
+def test_bad_passage_requests_are_422(client, body, words):
+    r = client.post("/api/passages", json=body)
+    assert r.status_code == 422 and words in r.json()["message"]

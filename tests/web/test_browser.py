@@ -91,3 +91,14 @@ def test_the_conversation_pane_shows_turn_weights(browser):
     assert "turns: effective N" in strip and "of 3" in strip
     assert browser.evaluate("document.querySelectorAll('#results .hit').length") == 10
     assert browser.console_errors == []
+
+
+def test_the_passages_pane_shows_a_selection_within_the_budget(browser):
+    browser.click("#passages-pane summary")
+    search_in_page(browser, QUERY)
+    summary = browser.evaluate("document.getElementById('passages-summary').textContent")
+    tokens, budget = (int(x) for x in summary.split(" passages, ", 1)[1].split(" tokens", 1)[0].split(" of "))
+    assert 0 < tokens <= budget == 512
+    items = browser.evaluate("[...document.querySelectorAll('#passages li')].map(li => li.dataset.docId)")
+    assert items and all(items)
+    assert browser.console_errors == []

@@ -87,18 +87,15 @@ def _search(args: argparse.Namespace) -> int:
 
 def _passages(args: argparse.Namespace) -> int:
     from attnpool.kb.sources import InputError
-    from attnpool.passages import candidate_passages, passage_weights, select_passages
+    from attnpool.passages import passages_for_question
 
-    if not args.question.strip():
-        raise InputError("question: expected a non-empty question, got an empty string")
     if args.budget < 1 or args.docs < 1 or not 0 <= args.diversity <= 1:
         raise InputError(f"--budget and --docs: expected integers >= 1, --diversity a number in [0, 1]; got "
                          f"{args.budget}, {args.docs}, {args.diversity}")
-    kb = _kb(args)
-    q = kb.encode_queries([args.question])[0]
-    passages, vectors = candidate_passages(kb, q, num_docs=args.docs)
-    weights = passage_weights(q, vectors, [p.doc_id for p in passages])
-    sel = select_passages(passages, vectors, weights, budget=args.budget, diversity=args.diversity)
+    if not args.question.strip():
+        raise InputError("question: expected a non-empty question, got an empty string")
+    sel = passages_for_question(_kb(args), args.question, budget=args.budget, diversity=args.diversity,
+                                num_docs=args.docs)
     if args.json:
         print(json.dumps({"budget": sel.budget, "tokens": sel.tokens, "passages": [p.to_dict() for p in sel.passages]},
                          indent=1))

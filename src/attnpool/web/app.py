@@ -54,6 +54,7 @@ MAX_TURNS = 50
 MAX_K = 100
 MAX_TOP_CHUNKS = 50
 MAX_BODY_BYTES = 512 * 1024
+MAX_PASSAGE_BUDGET = 8192
 HEAD_METHODS = ("learned", "multi")  # these need a head trained by `attnpool kb eval --save-heads`
 
 Method = Literal[METHODS]  # type: ignore[valid-type]
@@ -115,6 +116,39 @@ class SearchRequest(_Strict):
 
 class ExplainRequest(SearchRequest):
     top_chunks: int = Field(3, ge=1, le=MAX_TOP_CHUNKS, description="chunks per hit whose text is returned")
+
+
+class PassagesRequest(_Strict):
+    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, description="the question, in plain text")
+    budget: int = Field(512, ge=1, le=MAX_PASSAGE_BUDGET, description="token budget of the selection")
+    diversity: float = Field(0.3, ge=0, le=1, allow_inf_nan=False,
+                             description="0: highest weights first; > 0: near-duplicates of a selected passage are "
+                                         "penalized (MMR)")
+    docs: int = Field(10, ge=1, le=MAX_K, description="documents whose passages are candidates")
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, v: str) -> str:
+        return _not_blank(v, "query")
+
+
+class PassageOut(BaseModel):
+    doc_id: str
+    index: int
+    start: int
+    end: int
+    num_tokens: int
+    text: str
+    weight: float
+    similarity: float
+
+
+class PassagesResponse(BaseModel):
+    query: str
+    budget: int
+    tokens: int
+    took_ms: float
+    passages: list[PassageOut]
 
 
 class Turn(_Strict):
@@ -456,6 +490,24 @@ def create_app(kb: Any, *, warm: bool = True) -> FastAPI:
                                      took_ms=took, hits=out, diagnostics=summary,
                                      turn_weights=turn_weights[:-1], message_weight=turn_weights[-1],
                                      turn_pooling=pooling_diagnostics(turn_weights))
+
+    passage_table: list[Any] = []
+
+    @app.post("/api/passages", response_model=PassagesResponse, responses=errors,
+              summary="passages of the best documents, weighted by attention with the question as the query, "
+                      "selected within a token budget")
+    async def passages(req: PassagesRequest) -> PassagesResponse:
+        from attnpool.passages import PassageTable, passages_for_question
+
+        def run() -> Any:
+            if not passage_table:  # every chunk's text and offsets, read from the store once
+                passage_table.append(PassageTable(kb))
+            return passages_for_question(kb, req.query, budget=req.budget, diversity=req.diversity,
+                                         num_docs=req.docs, table=passage_table[0])
+
+        sel, took = await in_worker(timed, run)
+        return PassagesResponse(query=req.query, budget=sel.budget, tokens=sel.tokens, took_ms=took,
+                                passages=[PassageOut(**p.to_dict()) for p in sel.passages])
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

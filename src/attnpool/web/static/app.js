@@ -122,6 +122,21 @@ function renderTurns(turns, weights, message, messageWeight) {
   }
 }
 
+function renderPassages(data) {
+  $("passages-summary").textContent = `${data.passages.length} passages, ${data.tokens} of ${data.budget} tokens ` +
+                                      `(${fmt(data.took_ms, 0)} ms)`;
+  const maxWeight = Math.max(...data.passages.map((p) => p.weight), 1e-12);
+  $("passages").replaceChildren(...data.passages.map((p) => {
+    const item = el("li", "chunk");
+    item.dataset.docId = p.doc_id;
+    item.style.background = `rgba(var(--heat), ${(0.06 + 0.5 * p.weight / maxWeight).toFixed(3)})`;
+    item.append(el("span", "weight", `${p.doc_id} · chunk ${p.index} · weight ${fmt(p.weight, 3)} · ` +
+                                     `${p.num_tokens} tokens · chars ${p.start}–${p.end}`));
+    item.append(document.createTextNode(p.text.replace(/\s+/g, " ").trim()));
+    return item;
+  }));
+}
+
 async function search(event) {
   if (event) event.preventDefault();
   const query = $("query").value;
@@ -138,6 +153,10 @@ async function search(event) {
     renderDiagnostics(data);
     if (data.turn_weights) renderTurns(turns, data.turn_weights, query, data.message_weight);
     else $("turn-weights").replaceChildren();
+    if ($("passages-pane").open) {
+      renderPassages(await api("/api/passages", {query, budget: Number($("budget").value) || 512,
+                                                 diversity: Number($("diversity").value)}));
+    }
     document.body.dataset.state = "results";
   } catch (err) {
     showError(err.message);
