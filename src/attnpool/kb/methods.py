@@ -17,7 +17,6 @@ All vectors are unit norm. With ``s_i = q . c_i`` the cosine of the query and ch
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +25,6 @@ from torch import Tensor
 from attnpool.functional import attention_pool
 
 __all__ = [
-    "DYNAMIC_METHODS",
     "LEXICAL_METHODS",
     "METHODS",
     "ChunkMatrix",
@@ -42,8 +40,6 @@ __all__ = [
 METHODS = ("first", "mean", "max", "attention", "learned", "multi", "bm25", "hybrid", "hybrid-score")
 #: methods that read the query's text
 LEXICAL_METHODS = ("bm25", "hybrid", "hybrid-score")
-#: methods whose document representation depends on the query
-DYNAMIC_METHODS = ("max", "attention")
 
 
 @dataclass
@@ -151,5 +147,3 @@ def zscore_fusion(scores: list[Tensor], weights: list[float]) -> Tensor:
         out += w * (x - mean) / var.sqrt().clamp(min=1e-12)
     return out.masked_fill(dead, float("-inf")).float()
 
-
-ScoreFn = Callable[[ChunkMatrix, Tensor], Tensor]
