@@ -105,3 +105,13 @@ def test_malformed_beir_is_refused_before_the_store_is_touched(tmp_path, capsys)
     assert not (tmp_path / "kb").exists()
     with pytest.raises(InputError, match=r"expected a BEIR directory with corpus\.jsonl, which is missing"):
         load_beir(tmp_path)
+
+
+def test_no_fit_uses_the_stores_settings_and_heads(tmp_path):
+    beir = make_beir(tmp_path)
+    kb = KnowledgeBase(tmp_path / "kb", HashEncoder(dim=16), max_tokens=64, overlap=8)
+    plain = evaluate_beir(beir, kb, fit=False, progress=False)
+    assert "learned" not in plain.metrics and plain.temperature == 0.1 and not plain.tuning_curve
+    kb.save_settings(attention_temperature=0.05, fusion_weight=0.3)
+    again = evaluate_beir(beir, kb, fit=False, methods=["attention", "hybrid-score"], progress=False)
+    assert (again.temperature, again.fusion_weight) == (0.05, 0.3) and not again.fitted

@@ -130,7 +130,7 @@ def _eval(args: argparse.Namespace) -> int:
     methods = args.methods.split(",") if args.methods else None
     kw: dict[str, Any] = {"methods": methods} if methods else {}
     result = evaluate_beir(args.beir_dir, _kb(args), seed=args.seed, head_steps=args.head_steps,
-                           save_heads=args.save_heads, progress=not args.quiet, **kw)
+                           save_heads=args.save_heads, fit=not args.no_fit, progress=not args.quiet, **kw)
     command = "attnpool " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["kb"] else ""
     if args.out:
         for p in write_results(result, args.out, command):
@@ -230,6 +230,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--head-steps", type=int, default=400, help="training steps of the learned and multi heads")
     p.add_argument("--save-heads", action="store_true",
                    help="keep the tuned temperature and trained heads in the store for `kb search`")
+    p.add_argument("--no-fit", action="store_true",
+                   help="fit nothing on the tune split: use the store's settings and heads as they are (the defaults, "
+                        "or what `kb tune` learned without labels)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_eval)
 

@@ -128,6 +128,7 @@ class EvalResult:
     metrics: dict[str, dict[str, float]]
     differences: list[dict[str, Any]]
     train: dict[str, Any] = field(default_factory=dict)
+    fitted: bool = True
     timing: dict[str, float] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
     per_query: dict[str, dict[str, list[float]]] = field(default_factory=dict)
@@ -135,9 +136,13 @@ class EvalResult:
 
 def evaluate_beir(beir_dir: str | os.PathLike[str], kb: KnowledgeBase, *, seed: int = 0,
                   methods: Sequence[str] = METHODS, head_steps: int = 400,
-                  save_heads: bool = False, progress: bool = True) -> EvalResult:
+                  save_heads: bool = False, fit: bool = True, progress: bool = True) -> EvalResult:
     """Index ``beir_dir``'s corpus into ``kb`` (unchanged documents are skipped), tune on one half of the queries and
-    report every method and BM25 on the other half."""
+    report every method and BM25 on the other half.
+
+    ``fit=False`` fits nothing on the tune half: the store's own settings and heads are used as they are (the
+    defaults, or what ``attnpool kb tune`` learned without labels), and ``learned``/``multi`` are reported only when
+    the store has those heads. The test half is the same either way, so the two runs compare directly."""
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"methods: expected names from {', '.join(METHODS)}, got {m!r}")
@@ -161,7 +166,7 @@ def evaluate_beir(beir_dir: str | os.PathLike[str], kb: KnowledgeBase, *, seed: 
     curve: dict[str, float] = {}
     temperature = kb.temperature()
     train_info: dict[str, Any] = {}
-    if "attention" in methods:
+    if "attention" in methods and fit:
         t = time.perf_counter()
         for tau in TEMPERATURE_GRID:
             s = kb.score(tune_q, "attention", temperature=tau)
@@ -173,7 +178,7 @@ def evaluate_beir(beir_dir: str | os.PathLike[str], kb: KnowledgeBase, *, seed: 
     fusion_weight = kb.fusion_weight()
     tune_texts = [data.queries[q] for q in tune_ids]
     test_texts = [data.queries[q] for q in test_ids]
-    if "hybrid-score" in methods:
+    if "hybrid-score" in methods and fit:
         t = time.perf_counter()
         for w in FUSION_GRID:
             s = kb.score(tune_q, "hybrid-score", texts=tune_texts, temperature=temperature, fusion_weight=w)
@@ -183,8 +188,10 @@ def evaluate_beir(beir_dir: str | os.PathLike[str], kb: KnowledgeBase, *, seed: 
         if save_heads:
             kb.save_settings(fusion_weight=fusion_weight)
     heads = {}
+    if not fit:
+        methods = [m for m in methods if m not in ("learned", "multi") or (kb.head_path(m) / "config.json").is_file()]
     for kind in ("learned", "multi"):
-        if kind not in methods:
+        if kind not in methods or not fit:
             continue
         pairs = [(i, position[next(d for d, r in data.qrels[q].items() if r > 0)]) for i, q in enumerate(tune_ids)]
         positives = torch.tensor([p for _, p in pairs])
@@ -232,7 +239,7 @@ def evaluate_beir(beir_dir: str | os.PathLike[str], kb: KnowledgeBase, *, seed: 
         dataset=str(beir_dir), num_docs=len(doc_ids), num_chunks=kb.num_chunks, num_tune=len(tune_ids),
         num_test=len(test_ids), temperature=temperature, fusion_weight=fusion_weight, tuning_curve=curve,
         metrics={m: {k: float(v.mean()) for k, v in per_q.items()} for m, per_q in metrics.items()},
-        differences=differences, train=train_info, timing=timing, environment=environment(),
+        differences=differences, train=train_info, fitted=fit, timing=timing, environment=environment(),
         per_query={m: {k: v.tolist() for k, v in per_q.items()} for m, per_q in metrics.items()})
 
 
@@ -246,11 +253,13 @@ def environment() -> dict[str, str]:
 
 def format_markdown(result: EvalResult, command: str = "") -> str:
     env = result.environment
+    fitted = ("(both chosen on the tune split)." if result.fitted else
+              "(the store's own settings and heads: nothing fitted on labels).")
     lines = [f"# Retrieval on `{Path(result.dataset).name}`", "",
              f"{result.num_docs} documents, {result.num_chunks} chunks; {result.num_tune} tune and {result.num_test} "
              f"test queries (seeded split). Attention temperature T = {result.temperature}, hybrid-score weight "
-             f"w = {result.fusion_weight} (both chosen on the tune split)."
-             f" Date {env.get('date')}, {env.get('cpu')} ({env.get('cores')} cores), torch {env.get('torch')}.", ""]
+             f"w = {result.fusion_weight} {fitted} Date {env.get('date')}, {env.get('cpu')} ({env.get('cores')} "
+             f"cores), torch {env.get('torch')}.", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
     lines += ["| method | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
