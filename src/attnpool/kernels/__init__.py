@@ -6,6 +6,9 @@ Backends:
 * ``"cpu"``: a fused single-pass (online-softmax) C++ kernel for packed input on the CPU.
 * ``"triton"``: a fused Triton kernel for packed input on CUDA devices.
 
+Padded input with many queries (self-attention: SAB, ISAB) goes instead to PyTorch's fused
+``scaled_dot_product_attention`` (see ``attnpool.functional.pool._use_sdpa``).
+
 The dispatcher picks the fastest available backend for the input's device. One switch overrides it: the
 ``ATTNPOOL_KERNEL`` environment variable, or :func:`use_kernel` (a context manager) /
 :func:`set_kernel`, with one of the names above or ``"auto"``.
@@ -21,7 +24,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["available_kernels", "get_kernel", "segment_attention_pool", "set_kernel", "use_kernel"]
+__all__ = ["available_kernels", "get_kernel", "kernel_choice", "segment_attention_pool", "set_kernel", "use_kernel"]
 
 KernelFn = Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
 _NAMES = ("reference", "cpu", "triton")
@@ -69,6 +72,11 @@ def use_kernel(name: str) -> Iterator[None]:
         yield
     finally:
         _choice = previous
+
+
+def kernel_choice() -> str:
+    """The backend forced by :func:`set_kernel`, :func:`use_kernel` or ``ATTNPOOL_KERNEL``, or ``"auto"``."""
+    return _check_name(_choice)
 
 
 def get_kernel(device_type: str, dtype: torch.dtype = torch.float32) -> tuple[str, KernelFn]:
