@@ -125,8 +125,9 @@ def _single_model_loss(net, data, bags, mean, std):
     return torch.nn.functional.binary_cross_entropy_with_logits(logits, data.labels[bags].double())
 
 
+@pytest.mark.parametrize("max_padding", [None, 0.0], ids=["padded", "bucketed"])
 @pytest.mark.parametrize("pool", POOLS)
-def test_batched_models_match_each_model_alone_float64(pool):
+def test_batched_models_match_each_model_alone_float64(pool, max_padding):
     """Stacked models, each on its own packed bags (length-sorted chunks, vmapped pooling), give every model the
     loss and gradients it has alone; and a mini-batch's gradient is the mean of the one-bag-at-a-time ones."""
     data = load_mil_bags("musk2")  # bags of 2 to 1044 instances: several chunks
@@ -137,7 +138,7 @@ def test_batched_models_match_each_model_alone_float64(pool):
     models = [MilNet(data.features.shape[1], pool, cfg).double() for _ in plans]
     mean = torch.stack([p.mean for p in plans]).double()
     std = torch.stack([p.std for p in plans]).double()
-    batch = BatchedMil(models, mean, std, chunk_cost=32)
+    batch = BatchedMil(models, mean, std, chunk_cost=32, max_padding=max_padding)
     bags = torch.stack([p.train[i : i + 3] for i, p in enumerate(plans)])  # [M, 3]
     losses = batch.loss(data, bags)
     losses.sum().backward()

@@ -273,9 +273,11 @@ class BatchedMil:
     model's input (its fold's training statistics).
     """
 
-    def __init__(self, models: Sequence[MilNet], mean: Tensor, std: Tensor, chunk_cost: int = 2048) -> None:
+    def __init__(self, models: Sequence[MilNet], mean: Tensor, std: Tensor, chunk_cost: int = 2048,
+                 max_padding: float | None = 4.0) -> None:
         self.template = models[0]
         self.chunk_cost = chunk_cost
+        self.max_padding = max_padding
         self.num_models = len(models)
         params, buffers = stack_module_state(list(models))
         self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
@@ -347,14 +349,51 @@ class BatchedMil:
             if training and self.dropout:
                 h = F.dropout(h, self.dropout, training=True)
         lmax = int(lengths.max())
-        per_bag = h.new_zeros(m, nb, lmax, h.shape[-1])
-        per_bag = per_bag.index_put((model_of_row, set_of_row % nb, pos_in_set), h[model_of_row, pos_in_model])
-        mask = torch.arange(lmax) < lengths.unsqueeze(-1)  # [m, B, L]
         pool_params = {k.removeprefix("pool."): p[k] for k in self.pool_keys}
         pool_buffers = self.pool_buffers if everyone else {
             k: v.index_select(0, models) for k, v in self.pool_buffers.items()}
-        z = self._pool(pool_params, pool_buffers, per_bag, mask)  # [m, B, D]
+        if self.max_padding is not None and m * nb * lmax > self.max_padding * int(totals.sum()):
+            z = self._pool_bucketed(pool_params, pool_buffers, h, lengths, model_of_row, pos_in_model)
+        else:
+            z = self._pool_padded(pool_params, pool_buffers, h, lengths, lmax, model_of_row, set_of_row, pos_in_set,
+                                  pos_in_model)
         return torch.einsum("mbd,md->mb", z, p["classifier.weight"][:, 0]) + p["classifier.bias"]
+
+    def _pool_padded(self, pool_params: dict[str, Tensor], pool_buffers: dict[str, Tensor], h: Tensor,
+                     lengths: Tensor, lmax: int, model_of_row: Tensor, set_of_row: Tensor, pos_in_set: Tensor,
+                     pos_in_model: Tensor) -> Tensor:
+        """Every model's bags as padded ``[m, B, L_max, D]`` + mask, pooled by the vmapped module in one call."""
+        m, nb = lengths.shape
+        per_bag = h.new_zeros(m, nb, lmax, h.shape[-1])
+        per_bag = per_bag.index_put((model_of_row, set_of_row % nb, pos_in_set), h[model_of_row, pos_in_model])
+        mask = torch.arange(lmax) < lengths.unsqueeze(-1)  # [m, B, L]
+        return self._pool(pool_params, pool_buffers, per_bag, mask)  # type: ignore[no-any-return]
+
+    def _pool_bucketed(self, pool_params: dict[str, Tensor], pool_buffers: dict[str, Tensor], h: Tensor,
+                       lengths: Tensor, model_of_row: Tensor, pos_in_model: Tensor) -> Tensor:
+        """Every (model, bag) pair as its own set, the pairs sorted by bag size and cut into buckets
+        (:func:`chunk_bounds`), each bucket padded only to its own longest bag and pooled by the module vmapped over
+        the pairs, each with its model's pooling parameters. Used when one long bag would make the model-major
+        padded layout mostly padding (MUSK2: bags of 1 to 1044 instances)."""
+        m, nb = lengths.shape
+        pair_len = lengths.flatten()
+        rows = h[model_of_row, pos_in_model]  # packed, pair after pair (model-major, bag order)
+        pair_start = torch.cumsum(pair_len, 0) - pair_len
+        order = pair_len.argsort(stable=True)
+        pieces = []
+        for a, b in chunk_bounds(pair_len[order].tolist(), self.chunk_cost):
+            pairs = order[a:b]
+            longest = int(pair_len[pairs].max())
+            mask = torch.arange(longest) < pair_len[pairs, None]  # [n, L]
+            index = (pair_start[pairs, None] + torch.arange(longest)).clamp(max=max(rows.shape[0] - 1, 0))
+            sets = torch.where(mask.unsqueeze(-1), rows[index], torch.zeros((), dtype=rows.dtype))
+            owner = torch.div(pairs, nb, rounding_mode="floor")
+            params = {k: v.index_select(0, owner) for k, v in pool_params.items()}
+            buffers = {k: v.index_select(0, owner) for k, v in pool_buffers.items()}
+            pieces.append(self._pool(params, buffers, sets.unsqueeze(1), mask.unsqueeze(1))[:, 0])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.shape[0])
+        return torch.cat(pieces)[inverse].view(m, nb, -1)
 
     def set_training(self, training: bool) -> None:
         self.template.train(training)
