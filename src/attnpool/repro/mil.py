@@ -270,11 +270,12 @@ class BatchedMil:
     """``M`` :class:`MilNet` models of one pooling, stacked, each fed its own bags, trained and evaluated together.
 
     ``models`` fixes the architecture and the initial weights; ``mean``/``std`` ``[M, F]`` standardize each
-    model's input (its fold's training statistics).
+    model's input (its fold's training statistics). ``max_padding``: padded rows a step may waste before its bags
+    are pooled in length buckets instead (``None``: never).
     """
 
     def __init__(self, models: Sequence[MilNet], mean: Tensor, std: Tensor, chunk_cost: int = 2048,
-                 max_padding: float | None = 4.0) -> None:
+                 max_padding: int | None = 100_000) -> None:
         self.template = models[0]
         self.chunk_cost = chunk_cost
         self.max_padding = max_padding
@@ -352,7 +353,8 @@ class BatchedMil:
         pool_params = {k.removeprefix("pool."): p[k] for k in self.pool_keys}
         pool_buffers = self.pool_buffers if everyone else {
             k: v.index_select(0, models) for k, v in self.pool_buffers.items()}
-        if self.max_padding is not None and m * nb * lmax > self.max_padding * int(totals.sum()):
+        # bucketing costs a vmapped call per bucket: worth it only when the padding is large in absolute terms
+        if self.max_padding is not None and m * nb * lmax - int(totals.sum()) > self.max_padding:
             z = self._pool_bucketed(pool_params, pool_buffers, h, lengths, model_of_row, pos_in_model)
         else:
             z = self._pool_padded(pool_params, pool_buffers, h, lengths, lmax, model_of_row, set_of_row, pos_in_set,
