@@ -215,3 +215,17 @@ def test_quick_run_through_the_cli(tmp_path):
     assert all(e["instance_weights"] is None for e in musk1["mean"]["examples"])
     assert "| attention |" in (out / "results.md").read_text()
 
+
+
+def test_parallel_jobs_give_the_same_results(tmp_path):
+    """--jobs 2 runs the same (recipe, data set, pooling) jobs in spawned processes: same numbers, same table."""
+    runs = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        assert cli.main(["repro", "mil", "--quick", "--epochs", "2", "--no-progress", "--jobs", str(jobs),
+                         "--out", str(out)]) == 0
+        runs[jobs] = json.loads((out / "results.json").read_text())
+    for pool in ("attention", "mean"):
+        a, b = (runs[j]["results"]["paper"]["musk1"][pool] for j in (1, 2))
+        assert a["accuracy"] == b["accuracy"] and a["auc"] == b["auc"] and a["epochs_run"] == b["epochs_run"]
+    assert list(runs[2]["results"]["paper"]["musk1"]) == ["attention", "mean"]

@@ -696,12 +696,73 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="override the recipes' epoch count")
     p.add_argument("--bags-per-step", type=int, default=None, help="override the recipes' bags per step")
     p.add_argument("--seed", type=int, default=0, help="repeat r uses fold seed SEED + r (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process (default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes, each running whole (recipe, data set, pooling) jobs, largest first "
+                        "(default: %(default)s). On a shared machine, processes of one thread each degrade "
+                        "gracefully where one process of several threads does not")
     p.add_argument("--quick", action="store_true",
                    help="seconds long: musk1 only, 2 folds of one 2-fold split, 3 epochs, attention and mean")
     p.add_argument("--out", type=Path, default=Path("experiments/results/mil"), help="results folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+class _QueueProgress:
+    """A worker's stand-in for the progress bar: epochs go to the parent through a queue."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    def update(self, n: int = 1) -> None:
+        self.queue.put(n)
+
+
+def _worker_init(queue: Any, threads: int) -> None:
+    global _WORKER_QUEUE
+    _WORKER_QUEUE = queue
+    torch.set_num_threads(threads)
+
+
+_WORKER_QUEUE: Any = None
+
+
+def _worker_job(name: str, cfg: MilConfig, pool: str, kwargs: dict[str, Any]) -> tuple[dict[str, PoolResult], float]:
+    t0 = time.perf_counter()
+    res = run_dataset(load_mil_bags(name), cfg, [pool], progress=_QueueProgress(_WORKER_QUEUE), **kwargs)
+    return res, time.perf_counter() - t0
+
+
+def _run_parallel(jobs: list[tuple[str, str, str]], datas: dict[str, MilBags], recipes: dict[str, MilConfig],
+                  kwargs: dict[str, Any], workers: int, threads: int, progress: Any, finished: Any) -> None:
+    """Run the jobs on ``workers`` spawned processes, the largest data sets first; ``finished`` as each ends."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    import queue as queue_module
+
+    ctx = mp.get_context("spawn")  # torch's thread pools are not fork-safe
+    manager = ctx.Manager()
+    epochs = manager.Queue()
+    order = sorted(jobs, key=lambda j: -int(datas[j[1]].features.shape[0]))
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                initargs=(epochs, threads)) as ex:
+        pending = {ex.submit(_worker_job, d, recipes[r], pool, kwargs): (r, d, pool) for r, d, pool in order}
+        if progress is not None:
+            progress.set_description(f"mil ({workers} processes)")
+        while pending:
+            done, _ = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
+            while True:
+                try:
+                    n = epochs.get_nowait()
+                except queue_module.Empty:
+                    break
+                if progress is not None:
+                    progress.update(n)
+            for fut in done:
+                job = pending.pop(fut)
+                res, seconds = fut.result()
+                finished(job, res, seconds)
+    manager.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -735,7 +796,8 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     command = ("attnpool repro mil " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} thread(s)"
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {max(args.jobs, 1)} "
+               f"process(es) of {args.threads} thread(s)")
 
     def write(done: bool) -> list[str]:
         """Write results.md, results.json and accuracy.png for the jobs finished so far."""
@@ -767,16 +829,28 @@ def main(argv: list[str] | None = None) -> int:
             plot(all_results, args.repeats, main_recipe, out / "accuracy.png")
         return md
 
+    def finished(job: tuple[str, str, str], res: dict[str, PoolResult], seconds: float) -> None:
+        times[f"{job[0]}/{job[1]}/{job[2]}"] = seconds
+        results = {(r, d, p): v for r, rres in all_results.items() for d, dres in rres.items()
+                   for p, v in dres.items()}
+        results[job] = res[job[2]]
+        all_results.clear()
+        for key in jobs:  # the tables follow the jobs' order, whatever order they finished in
+            if key in results:
+                all_results.setdefault(key[0], {}).setdefault(key[1], {})[key[2]] = results[key]
+        write(done=False)
+
+    kwargs = {"folds": args.folds, "repeats": args.repeats, "seed": args.seed}
     try:
-        for r, d, pool in jobs:
-            if progress is not None:
-                progress.set_description(f"{r} {d} {pool}")
-            t0 = time.perf_counter()
-            res = run_dataset(datas[d], recipes[r], [pool], folds=args.folds, repeats=args.repeats, seed=args.seed,
-                              progress=progress)
-            times[f"{r}/{d}/{pool}"] = time.perf_counter() - t0
-            all_results.setdefault(r, {}).setdefault(d, {}).update(res)
-            write(done=False)
+        if args.jobs <= 1:
+            for r, d, pool in jobs:
+                if progress is not None:
+                    progress.set_description(f"{r} {d} {pool}")
+                t0 = time.perf_counter()
+                res = run_dataset(datas[d], recipes[r], [pool], progress=progress, **kwargs)
+                finished((r, d, pool), res, time.perf_counter() - t0)
+        else:
+            _run_parallel(jobs, datas, recipes, kwargs, args.jobs, args.threads, progress, finished)
     finally:
         if progress is not None:
             progress.close()
