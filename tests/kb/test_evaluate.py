@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 pytest.importorskip("lancedb", reason="the knowledge base's store needs lancedb (the kb extra)")
-pytest.importorskip("bm25s", reason="the BM25 baseline needs bm25s (the kb extra)")
 
 from attnpool.cli import main as cli_main
 from attnpool.kb import InputError, KnowledgeBase
@@ -76,17 +75,20 @@ def test_evaluate_every_method_and_write(tmp_path):
     beir = make_beir(tmp_path)
     kb = KnowledgeBase(tmp_path / "kb", HashEncoder(dim=16), max_tokens=64, overlap=8)
     result = evaluate_beir(beir, kb, head_steps=20, save_heads=True, progress=False)
-    assert set(result.metrics) == {"first", "mean", "max", "attention", "learned", "multi", "bm25", "hybrid",
-                                   "hybrid-score"}
+    assert set(result.metrics) - {"attention-no-prior"} == {
+        "first", "mean", "max", "attention", "learned", "multi", "bm25", "hybrid", "hybrid-score", "rrf-bm25-max"}
+    assert ("attention-no-prior" in result.metrics) == (result.first_bias != 0)
     assert kb.fusion_weight() == result.fusion_weight
     assert result.num_tune + result.num_test == 40
     for m in result.metrics.values():
         assert all(0 <= v <= 1 for v in m.values())
     assert result.metrics["bm25"]["recall@100"] == 1.0  # 40 documents: everything is in the top 100
-    assert f"T={result.temperature}" in result.tuning_curve and f"w={result.fusion_weight}" in result.tuning_curve
+    assert f"T={result.temperature},beta={result.first_bias}" in result.tuning_curve
+    assert f"w={result.fusion_weight}" in result.tuning_curve
+    assert any(d["a"] == "hybrid-score" and d["b"] == "rrf-bm25-max" for d in result.differences)
     assert any(d["a"] == "attention" for d in result.differences)
     # the saved heads and temperature are used by search from then on
-    assert kb.temperature() == result.temperature
+    assert kb.temperature() == result.temperature and kb.first_bias() == result.first_bias
     assert len(kb.search("bucket", method="learned", k=3)) == 3
     assert len(kb.search("bucket", method="multi", k=3)) == 3
     files = write_results(result, tmp_path / "out", "cmd")

@@ -107,6 +107,50 @@ def test_scores_match_a_float64_reference(tmp_path, encoder):
             torch.testing.assert_close(got[m][:, b].double(), r, atol=1e-5, rtol=1e-5, msg=m)
 
 
+@pytest.mark.parametrize("beta", [0.7, -2.0])
+def test_first_chunk_prior_matches_a_float64_reference(tmp_path, encoder, beta):
+    kb = KnowledgeBase(tmp_path / "kb", encoder, max_tokens=48, overlap=4)
+    kb.index([*make_docs(5, words=200), Document("empty", "")], progress=False)
+    chunks = kb.chunk_matrix()
+    q = torch.nn.functional.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(2)), dim=-1)
+    got = kb.score(q, "attention", temperature=0.2, first_bias=beta)
+    for b in range(chunks.num_docs):
+        c = chunks.vectors[chunks.offsets[b]:chunks.offsets[b + 1]].double()
+        if c.shape[0] == 0:
+            assert torch.isneginf(got[:, b]).all()
+            continue
+        logits = q.double() @ c.T / 0.2
+        logits[:, 0] += beta
+        pooled = torch.nn.functional.normalize(torch.softmax(logits, dim=1) @ c, dim=-1)
+        torch.testing.assert_close(got[:, b].double(), (pooled * q.double()).sum(-1), atol=1e-5, rtol=1e-5)
+        w = M.attention_weights(chunks.vectors[chunks.offsets[b]:chunks.offsets[b + 1]], q[0], 0.2, beta)
+        torch.testing.assert_close(w.double(), torch.softmax(logits[0], 0), atol=1e-6, rtol=1e-6)
+    # beta -> inf is the first chunk, beta = 0 plain attention
+    torch.testing.assert_close(kb.score(q, "attention", temperature=0.2, first_bias=60.0), kb.score(q, "first"),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kb.score(q, "attention", temperature=0.2, first_bias=0.0),
+                               M.attention_scores(chunks, q, 0.2))
+    kb.save_settings(first_bias=beta)
+    hit = KnowledgeBase(tmp_path / "kb", encoder).search(q[0], k=1, explain=True, temperature=0.2)[0]
+    a, b = (int(x) for x in chunks.offsets[kb.doc_ids.index(hit.doc_id):][:2])
+    torch.testing.assert_close(torch.tensor([c.weight for c in hit.chunks]),
+                               M.attention_weights(chunks.vectors[a:b], q[0], 0.2, beta))
+
+
+def test_explain_shows_each_signal_of_a_hybrid(tmp_path, encoder):
+    kb = KnowledgeBase(tmp_path / "kb", encoder, max_tokens=64, overlap=8)
+    kb.index([*make_docs(6), Document("zz", "zebra " * 10 + " ".join(["filler"] * 200))], progress=False)
+    hits = kb.search("zebra bucket", method="hybrid-score", k=7, explain=True)
+    n = kb.num_documents
+    for hit in hits:
+        assert set(hit.signals) == {"bm25", "attention"}
+        assert all(1 <= s["rank"] <= n for s in hit.signals.values())
+        assert all(c.lexical is not None and c.lexical >= 0 for c in hit.chunks)
+    zz = next(h for h in hits if h.doc_id == "zz")
+    assert zz.signals["bm25"]["rank"] == 1 and zz.chunks[0].lexical > 0 and zz.chunks[0].text
+    assert all(not h.signals for h in kb.search("zebra", method="attention", k=2, explain=True))
+
+
 def test_refuses_another_model_and_missing_store(tmp_path, encoder):
     kb = KnowledgeBase(tmp_path / "kb", encoder, max_tokens=64, overlap=8)
     kb.index(make_docs(3), progress=False)
@@ -190,6 +234,11 @@ def test_sigkill_midway_leaves_a_consistent_store_and_rerun_completes(tmp_path, 
     np.testing.assert_allclose(kb.chunk_matrix().vectors.numpy(), clean.chunk_matrix().vectors.numpy())
     chunks = kb.store().chunks.to_arrow()
     assert chunks.num_rows == clean.num_chunks, "orphans of the killed runs were not removed"
+    # the lexical side (the store's full-text index) survived the kills as well: same chunks matched, same order
+    texts = ["bucket policy", "snapshot key role"]
+    got, want = kb.lexical_chunk_scores(texts), clean.lexical_chunk_scores(texts)
+    assert torch.equal(got > 0, want > 0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_chunk_matrix_helpers():

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import math
 import sys
@@ -15,7 +14,6 @@ from fastapi.testclient import TestClient
 
 from attnpool.diagnostics.signals import effective_count, normalized_entropy
 from attnpool.kb import METHODS, StoreError
-from attnpool.kb.methods import LEXICAL_METHODS
 from attnpool.web.app import MAX_BODY_BYTES, MAX_QUERY_CHARS, history_query
 
 QUERY = "zebra quokka marmoset paragraph"
@@ -46,8 +44,7 @@ def test_info_describes_the_store_and_its_methods(client, kb):
     assert info["limits"]["query_chars"] == MAX_QUERY_CHARS
 
 
-SEARCHABLE = [m for m in METHODS if m not in ("learned", "multi")  # no head is trained in the test store
-              and (m not in LEXICAL_METHODS or importlib.util.find_spec("bm25s") is not None)]
+SEARCHABLE = [m for m in METHODS if m not in ("learned", "multi")]  # no head is trained in the test store
 
 
 @pytest.mark.parametrize("method", SEARCHABLE)

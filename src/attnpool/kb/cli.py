@@ -142,7 +142,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from attnpool.kb.tune import tune
 
-    report = tune(_kb(args), max_queries=args.max_queries, head_steps=args.head_steps, seed=args.seed,
+    report = tune(_kb(args), kind=args.kind, max_queries=args.max_queries, heads=tuple(args.heads),
+                  head_steps=args.head_steps, max_fusion_weight=args.max_fusion_weight, seed=args.seed,
                   progress=not args.quiet)
     print(f"{args.store}: tuned on {report}")
     print("pseudo-query examples: " + " | ".join(report.examples[:3]))
@@ -237,12 +238,19 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=_eval)
 
     p = kbs.add_parser("tune", help="adapt the pooling to the corpus without labels (pseudo-queries)",
-                       description="Learn the attention temperature, the hybrid fusion weight and the learned/multi "
-                                   "heads from inverse-cloze pseudo-queries made from the corpus itself; saved "
-                                   "beside the index and used by search from then on.")
+                       description="Learn the attention temperature and first-chunk prior, the hybrid fusion "
+                                   "weight and (optionally) the learned/multi heads from pseudo-queries made from "
+                                   "the corpus itself; saved beside the index and used by search from then on.")
     common(p)
+    p.add_argument("--kind", choices=("lead", "cloze"), default="lead",
+                   help="pseudo-queries: each document's first prose sentence (lead) or a random one (cloze, the "
+                        "inverse cloze task); default: %(default)s")
     p.add_argument("--max-queries", type=int, default=1000, help="pseudo-queries to make (default: %(default)s)")
-    p.add_argument("--head-steps", type=int, default=400, help="training steps per head (default: %(default)s)")
+    p.add_argument("--heads", nargs="*", choices=("learned", "multi"), default=[],
+                   help="heads to train as well (default: none; they overfit pseudo-queries, see experiments/)")
+    p.add_argument("--head-steps", type=int, default=100, help="training steps per head (default: %(default)s)")
+    p.add_argument("--max-fusion-weight", type=float, default=0.7,
+                   help="upper bound of the BM25 weight w (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_tune)

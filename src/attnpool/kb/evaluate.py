@@ -3,8 +3,9 @@ tune/test split of the queries, and paired bootstrap confidence intervals on the
 
     attnpool kb eval BEIR_DIR [--store DIR] [--out DIR] [--seed 0]
 
-What is tuned, and on what: the ``attention`` temperature (a grid) and the ``learned`` and ``multi`` heads (trained on
-(query, relevant document) pairs) see only the tune split; every reported figure is on the test split.
+What is tuned, and on what: the ``attention`` temperature and first-chunk prior (a grid), the ``hybrid-score``
+weight, and the ``learned`` and ``multi`` heads (trained on (query, relevant document) pairs) see only the tune
+split; every reported figure is on the test split.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ __all__ = ["BeirData", "EvalResult", "bootstrap_difference", "evaluate_beir", "l
 METRICS = ("ndcg@10", "recall@10", "recall@100", "mrr@10")
 FUSION_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 TEMPERATURE_GRID = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+#: the first-chunk prior beta, in logits (``softmax(s / T + beta [i = 0])``)
+FIRST_BIAS_GRID = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
+#: rows reported beside the methods: attention without the first-chunk prior (T tuned alone), and the issue's
+#: reference hybrid, reciprocal-rank fusion of BM25 and max
+EXTRA_ROWS = ("attention-no-prior", "rrf-bm25-max")
 
 
 def split_queries(query_ids: Sequence[str], seed: int = 0, tune_fraction: float = 0.5) -> tuple[list[str], list[str]]:
@@ -123,6 +129,7 @@ class EvalResult:
     num_tune: int
     num_test: int
     temperature: float
+    first_bias: float
     fusion_weight: float
     tuning_curve: dict[str, float]
     metrics: dict[str, dict[str, float]]
@@ -164,24 +171,30 @@ def evaluate_beir(beir_dir: str | os.PathLike[str], kb: KnowledgeBase, *, seed: 
 
     metrics: dict[str, dict[str, np.ndarray]] = {}
     curve: dict[str, float] = {}
-    temperature = kb.temperature()
+    temperature, first_bias = kb.temperature(), kb.first_bias()
+    temperature_no_prior = temperature
     train_info: dict[str, Any] = {}
     if "attention" in methods and fit:
         t = time.perf_counter()
         for tau in TEMPERATURE_GRID:
-            s = kb.score(tune_q, "attention", temperature=tau)
-            curve[f"T={tau}"] = float(per_query_metrics(s, doc_ids, tune_ids, data.qrels)["ndcg@10"].mean())
-        temperature = float(max(TEMPERATURE_GRID, key=lambda tau: curve[f"T={tau}"]))
-        timing["tune_temperature_s"] = time.perf_counter() - t
+            for beta in FIRST_BIAS_GRID:
+                s = kb.score(tune_q, "attention", temperature=tau, first_bias=beta)
+                curve[f"T={tau},beta={beta}"] = float(
+                    per_query_metrics(s, doc_ids, tune_ids, data.qrels)["ndcg@10"].mean())
+        temperature, first_bias = max(((tau, beta) for tau in TEMPERATURE_GRID for beta in FIRST_BIAS_GRID),
+                                      key=lambda tb: curve[f"T={tb[0]},beta={tb[1]}"])
+        temperature_no_prior = max(TEMPERATURE_GRID, key=lambda tau: curve[f"T={tau},beta=0.0"])
+        timing["tune_attention_s"] = time.perf_counter() - t
         if save_heads:
-            kb.save_settings(attention_temperature=temperature)
+            kb.save_settings(attention_temperature=temperature, first_bias=first_bias)
     fusion_weight = kb.fusion_weight()
     tune_texts = [data.queries[q] for q in tune_ids]
     test_texts = [data.queries[q] for q in test_ids]
     if "hybrid-score" in methods and fit:
         t = time.perf_counter()
         for w in FUSION_GRID:
-            s = kb.score(tune_q, "hybrid-score", texts=tune_texts, temperature=temperature, fusion_weight=w)
+            s = kb.score(tune_q, "hybrid-score", texts=tune_texts, temperature=temperature, first_bias=first_bias,
+                         fusion_weight=w)
             curve[f"w={w}"] = float(per_query_metrics(s, doc_ids, tune_ids, data.qrels)["ndcg@10"].mean())
         fusion_weight = float(max(FUSION_GRID, key=lambda w: curve[f"w={w}"]))
         timing["tune_fusion_s"] = time.perf_counter() - t
@@ -213,9 +226,18 @@ def evaluate_beir(beir_dir: str | os.PathLike[str], kb: KnowledgeBase, *, seed: 
 
                 s = static_scores(doc_vectors(heads[m], kb.chunk_matrix()), test_q)
         else:
-            s = kb.score(test_q, m, texts=test_texts, temperature=temperature, fusion_weight=fusion_weight)
+            s = kb.score(test_q, m, texts=test_texts, temperature=temperature, first_bias=first_bias,
+                         fusion_weight=fusion_weight)
         timing[f"score_{m}_s"] = time.perf_counter() - t
         metrics[m] = per_query_metrics(s, doc_ids, test_ids, data.qrels)
+    if "attention" in methods and fit and first_bias != 0:
+        s = kb.score(test_q, "attention", temperature=temperature_no_prior, first_bias=0.0)
+        metrics["attention-no-prior"] = per_query_metrics(s, doc_ids, test_ids, data.qrels)
+    if "bm25" in methods and "max" in methods:
+        from attnpool.kb.methods import reciprocal_rank_fusion
+
+        s = reciprocal_rank_fusion([kb.score(test_q, "bm25", texts=test_texts), kb.score(test_q, "max")])
+        metrics["rrf-bm25-max"] = per_query_metrics(s, doc_ids, test_ids, data.qrels)
     differences = []
     pairs_to_compare: list[tuple[str, str]] = []
     baselines = [m for m in ("first", "mean", "max") if m in metrics]
@@ -230,6 +252,10 @@ def evaluate_beir(beir_dir: str | os.PathLike[str], kb: KnowledgeBase, *, seed: 
         pairs_to_compare += [(m, "bm25") for m in methods if m != "bm25"]
     if "hybrid" in metrics and "max" in metrics:
         pairs_to_compare.append(("hybrid", "max"))
+    if "rrf-bm25-max" in metrics:
+        pairs_to_compare += [(m, "rrf-bm25-max") for m in ("hybrid", "hybrid-score") if m in metrics]
+    if "attention-no-prior" in metrics:
+        pairs_to_compare.append(("attention", "attention-no-prior"))
     for a, b in pairs_to_compare:
         for metric in ("ndcg@10", "mrr@10"):
             mean, lo, hi = bootstrap_difference(metrics[a][metric], metrics[b][metric], seed=seed)
@@ -237,7 +263,8 @@ def evaluate_beir(beir_dir: str | os.PathLike[str], kb: KnowledgeBase, *, seed: 
     timing["total_s"] = time.perf_counter() - t0
     return EvalResult(
         dataset=str(beir_dir), num_docs=len(doc_ids), num_chunks=kb.num_chunks, num_tune=len(tune_ids),
-        num_test=len(test_ids), temperature=temperature, fusion_weight=fusion_weight, tuning_curve=curve,
+        num_test=len(test_ids), temperature=temperature, first_bias=first_bias, fusion_weight=fusion_weight,
+        tuning_curve=curve,
         metrics={m: {k: float(v.mean()) for k, v in per_q.items()} for m, per_q in metrics.items()},
         differences=differences, train=train_info, fitted=fit, timing=timing, environment=environment(),
         per_query={m: {k: v.tolist() for k, v in per_q.items()} for m, per_q in metrics.items()})
@@ -257,8 +284,9 @@ def format_markdown(result: EvalResult, command: str = "") -> str:
               "(the store's own settings and heads: nothing fitted on labels).")
     lines = [f"# Retrieval on `{Path(result.dataset).name}`", "",
              f"{result.num_docs} documents, {result.num_chunks} chunks; {result.num_tune} tune and {result.num_test} "
-             f"test queries (seeded split). Attention temperature T = {result.temperature}, hybrid-score weight "
-             f"w = {result.fusion_weight} {fitted} Date {env.get('date')}, {env.get('cpu')} ({env.get('cores')} "
+             f"test queries (seeded split). Attention temperature T = {result.temperature}, first-chunk prior "
+             f"beta = {result.first_bias}, hybrid-score weight w = {result.fusion_weight} {fitted} "
+             f"Date {env.get('date')}, {env.get('cpu')} ({env.get('cores')} "
              f"cores), torch {env.get('torch')}.", ""]
     if command:
         lines += [f"Command: `{command}`", ""]

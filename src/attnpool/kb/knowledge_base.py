@@ -21,6 +21,7 @@ from attnpool.text.chunking import chunk_text
 __all__ = ["ChunkHit", "Hit", "IndexReport", "KnowledgeBase"]
 
 DEFAULT_TEMPERATURE = 0.1
+DEFAULT_FIRST_BIAS = 0.0
 DEFAULT_FUSION_WEIGHT = 0.5
 SETTINGS_FILE = "settings.json"
 
@@ -56,6 +57,7 @@ class ChunkHit:
     start: int
     end: int
     text: str = ""
+    lexical: float | None = None  # the chunk's BM25 score, for the methods that read the query's words
 
 
 @dataclass
@@ -64,10 +66,12 @@ class Hit:
     score: float
     title: str
     chunks: list[ChunkHit] = field(default_factory=list)
+    #: with ``explain``, the document's score and rank (1 = best) under each signal a hybrid fuses
+    signals: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"doc_id": self.doc_id, "score": self.score, "title": self.title,
-                "chunks": [vars(c) for c in self.chunks]}
+                "chunks": [vars(c) for c in self.chunks], "signals": self.signals}
 
 
 class KnowledgeBase:
@@ -260,26 +264,54 @@ class KnowledgeBase:
     def temperature(self) -> float:
         return float(self.settings.get("attention_temperature", DEFAULT_TEMPERATURE))
 
+    def first_bias(self) -> float:
+        return float(self.settings.get("first_bias", DEFAULT_FIRST_BIAS))
+
     def lexical(self) -> Any:
-        """The BM25 index of the committed documents (built from the store, cached beside it)."""
+        """The store's full-text index, its hits mapped to the loaded chunk rows
+        (:class:`attnpool.kb.lexical.ChunkLexicalIndex`)."""
         cache = self._loaded()
         if "lexical" not in cache:
-            from attnpool.kb.lexical import LexicalIndex
+            from attnpool.kb.lexical import ChunkLexicalIndex
 
-            cache["lexical"] = LexicalIndex.for_store(self.store(), self.doc_ids)
+            stored = cache["stored"]
+            cache["lexical"] = ChunkLexicalIndex.for_store(self.store(), stored.doc_ids, stored.doc_hashes,
+                                                           stored.offsets.tolist())
         return cache["lexical"]
+
+    def lexical_chunk_scores(self, texts: Sequence[str]) -> Tensor:
+        """``[Q, N]`` BM25 score of every chunk for each query text (0 where none of its words occur)."""
+        return self.lexical().chunk_scores(list(texts))  # type: ignore[no-any-return]
 
     def fusion_weight(self) -> float:
         return float(self.settings.get("fusion_weight", DEFAULT_FUSION_WEIGHT))
 
     def score(self, queries: Tensor, method: str = "attention", *, texts: Sequence[str] | None = None,
-              temperature: float | None = None, fusion_weight: float | None = None) -> Tensor:
+              temperature: float | None = None, fusion_weight: float | None = None,
+              first_bias: float | None = None) -> Tensor:
         """``[Q, B]`` scores of every document (in :attr:`doc_ids` order) for unit-norm query vectors ``[Q, D]``.
 
         ``bm25`` and the hybrids also need the queries' ``texts``. ``hybrid`` is reciprocal-rank fusion
         (``1/(60 + rank)`` summed) of BM25 and ``attention``; ``hybrid-score`` fuses their scores after
         standardizing each over the documents (z-scores), as ``w * z_bm25 + (1 - w) * z_attention``.
+        ``temperature``, ``fusion_weight`` and ``first_bias`` override the store's settings.
         """
+        signals = self.signals(queries, method, texts=texts, temperature=temperature, first_bias=first_bias)
+        return self.fuse(signals, method, fusion_weight=fusion_weight)
+
+    def fuse(self, signals: dict[str, Tensor], method: str, *, fusion_weight: float | None = None) -> Tensor:
+        """The scores of ``method`` from its :meth:`signals`."""
+        if method == "hybrid":
+            return M.reciprocal_rank_fusion([signals["bm25"], signals["attention"]])
+        if method == "hybrid-score":
+            w = self.fusion_weight() if fusion_weight is None else fusion_weight
+            return M.zscore_fusion([signals["bm25"], signals["attention"]], [w, 1.0 - w])
+        return signals[method]
+
+    def signals(self, queries: Tensor, method: str, *, texts: Sequence[str] | None = None,
+                temperature: float | None = None, first_bias: float | None = None) -> dict[str, Tensor]:
+        """The ``[Q, B]`` document scores that ``method`` reads: its own, or for a hybrid ``bm25`` and
+        ``attention``."""
         if method not in M.METHODS:
             raise ValueError(f"method: expected one of {', '.join(M.METHODS)}, got {method!r}")
         chunks = self.chunk_matrix()
@@ -289,24 +321,23 @@ class KnowledgeBase:
         if method in M.LEXICAL_METHODS and (texts is None or len(texts) != queries.shape[0]):
             raise ValueError(f"texts: method {method!r} needs the text of each of the {queries.shape[0]} queries")
         t = self.temperature() if temperature is None else temperature
+        beta = self.first_bias() if first_bias is None else first_bias
         with torch.inference_mode():
             if method == "first":
-                return M.static_scores(self._static_vectors("first"), queries, normalized=True).masked_fill(
-                    chunks.lengths == 0, float("-inf"))
+                return {method: M.static_scores(self._static_vectors("first"), queries, normalized=True).masked_fill(
+                    chunks.lengths == 0, float("-inf"))}
             if method == "max":
-                return M.max_scores(chunks, queries)
+                return {method: M.max_scores(chunks, queries)}
             if method == "attention":
-                return M.attention_scores(chunks, queries, t)
+                return {method: M.attention_scores(chunks, queries, t, first_bias=beta)}
             if method in M.LEXICAL_METHODS:
-                lexical = torch.from_numpy(self.lexical().scores(list(texts or ())))
-                if method == "bm25":
-                    return lexical
-                dense = M.attention_scores(chunks, queries, t)
-                if method == "hybrid":
-                    return M.reciprocal_rank_fusion([lexical, dense])
-                w = self.fusion_weight() if fusion_weight is None else fusion_weight
-                return M.zscore_fusion([lexical, dense], [w, 1.0 - w])
-            return M.static_scores(self._static_vectors(method), queries, normalized=True)
+                from attnpool.kb.lexical import document_scores
+
+                out = {"bm25": document_scores(self.lexical_chunk_scores(list(texts or ())), chunks.offsets)}
+                if method != "bm25":
+                    out["attention"] = M.attention_scores(chunks, queries, t, first_bias=beta)
+                return out
+            return {method: M.static_scores(self._static_vectors(method), queries, normalized=True)}
 
     def encode_queries(self, texts: Sequence[str]) -> Tensor:
         self._default_encoder_from_store()
@@ -329,27 +360,45 @@ class KnowledgeBase:
         if k < 1:
             raise ValueError(f"k: expected an integer >= 1, got {k}")
         texts = [query] if isinstance(query, str) else None
-        scores = self.score(qv[None], method, texts=texts, temperature=temperature)[0]
+        signals = self.signals(qv[None], method, texts=texts, temperature=temperature)
+        scores = self.fuse(signals, method)[0]
         k = min(k, scores.numel())
         top = torch.topk(scores, k)
         stored = self._loaded()["stored"]
         chunks = self.chunk_matrix()
         t = self.temperature() if temperature is None else temperature
+        beta = self.first_bias()
         hits = []
         texts_of = self.store().chunk_texts_of([stored.doc_ids[d] for d in top.indices.tolist()]) if explain else {}
+        lexical = (self.lexical_chunk_scores([query])[0] if explain and isinstance(query, str)
+                   and method in M.LEXICAL_METHODS else None)
+        ranks = {name: _ranks(s[0]) for name, s in signals.items()} if explain and len(signals) > 1 else {}
         for s, d in zip(top.values.tolist(), top.indices.tolist()):
             hit = Hit(stored.doc_ids[d], float(s), stored.titles[d])
             if explain:
                 a, b = int(chunks.offsets[d]), int(chunks.offsets[d + 1])
                 sims = chunks.vectors[a:b] @ qv
-                weights = M.attention_weights(chunks.vectors[a:b], qv, t)
+                weights = M.attention_weights(chunks.vectors[a:b], qv, t, beta)
                 texts = {r["chunk_index"]: r["text"] for r in texts_of.get(hit.doc_id, [])}
                 best = set(torch.argsort(weights, descending=True)[:top_chunks].tolist())
+                if lexical is not None:  # the chunks that carry the lexical evidence are shown too
+                    best |= set(torch.argsort(lexical[a:b], descending=True)[:1].tolist()) if b > a else set()
                 hit.chunks = [ChunkHit(i, float(weights[i]), float(sims[i]), int(stored.starts[a + i]),
-                                       int(stored.ends[a + i]), texts.get(i, "") if i in best else "")
+                                       int(stored.ends[a + i]), texts.get(i, "") if i in best else "",
+                                       None if lexical is None else float(lexical[a + i]))
                               for i in range(b - a)]
+                hit.signals = {name: {"score": float(signals[name][0, d]), "rank": int(r[d])}
+                               for name, r in ranks.items()}
             hits.append(hit)
         return hits
+
+
+def _ranks(scores: Tensor) -> Tensor:
+    """``[B]`` rank of each document (1 = best; ties in document order)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(1, order.numel() + 1)
+    return ranks
 
 
 def _head_vectors(head: torch.nn.Module, chunks: M.ChunkMatrix) -> Tensor:

@@ -5,19 +5,20 @@ All vectors are unit norm. With ``s_i = q . c_i`` the cosine of the query and ch
 * ``first``: ``s_first``, the document's first chunk;
 * ``mean``: ``cos(q, mean_i c_i)``;
 * ``max``: ``max_i s_i`` (MaxSim over the chunks);
-* ``attention``: ``cos(q, sum_i a_i c_i)`` with ``a = softmax(s / T)``: the document is the attention pool of its
-  chunks with the query as the query, so it is represented differently for every question. ``T -> 0`` tends to
-  ``max``; ``T -> inf`` to ``mean``;
+* ``attention``: ``cos(q, sum_i a_i c_i)`` with ``a = softmax(s / T + beta [i = 0])``: the document is the attention
+  pool of its chunks with the query as the query, so it is represented differently for every question. ``T -> 0``
+  tends to ``max``, ``T -> inf`` to ``mean``, and the first-chunk prior ``beta -> inf`` to ``first`` (a page's
+  opening chunk usually holds its summary);
 * ``learned``: ``cos(q, d)``, ``d`` a static document vector from a trained attention pooling head (learned query);
 * ``multi``: ``max_k cos(q, d_k)`` over ``k`` vectors per document from a trained PMA;
-* ``bm25``: lexical BM25 over the documents' text (:mod:`attnpool.kb.lexical`);
+* ``bm25``: the best BM25 score among the document's chunks (the store's full-text index, :mod:`attnpool.kb.lexical`);
 * ``hybrid``: reciprocal-rank fusion of ``bm25`` and ``attention``;
 * ``hybrid-score``: ``w * z(bm25) + (1 - w) * z(attention)``, each score standardized over the documents.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -48,6 +49,7 @@ class ChunkMatrix:
 
     vectors: Tensor
     offsets: Tensor
+    _flagged: Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_docs(self) -> int:
@@ -59,6 +61,17 @@ class ChunkMatrix:
 
     def doc_of_chunk(self) -> Tensor:
         return torch.repeat_interleave(torch.arange(self.num_docs), self.lengths)
+
+    def first_flagged(self) -> Tensor:
+        """``[N, D + 1]``: the vectors with a last column that is 1 on each document's first chunk, else 0 (built
+        once, then kept)."""
+        if self._flagged is None:
+            n, d = self.vectors.shape
+            flagged = torch.zeros(n, d + 1, dtype=self.vectors.dtype)
+            flagged[:, :d] = self.vectors
+            flagged[self.offsets[:-1][self.lengths > 0], d] = 1.0
+            self._flagged = flagged
+        return self._flagged
 
 
 def _normalize(x: Tensor) -> Tensor:
@@ -101,23 +114,36 @@ def max_scores(chunks: ChunkMatrix, queries: Tensor) -> Tensor:
     return torch.segment_reduce(sims, "max", offsets=offsets, axis=1)
 
 
-def attention_scores(chunks: ChunkMatrix, queries: Tensor, temperature: float, *,
+def attention_scores(chunks: ChunkMatrix, queries: Tensor, temperature: float, *, first_bias: float = 0.0,
                      query_block: int = 32) -> Tensor:
     """``[Q, B]``: ``cos(q, attention_pool(chunks of d, query=q, T))``, computed for ``query_block`` queries at a
-    time by attnpool's packed attention pool (one pass over the chunks per block; the fused kernel on the CPU)."""
+    time by attnpool's packed attention pool (one pass over the chunks per block; the fused kernel on the CPU).
+
+    ``first_bias`` (``beta``) adds to the first chunk's logit ``s_0 / T``. It rides on the same kernel call: the
+    chunks carry a first-chunk flag as an extra column (:meth:`ChunkMatrix.first_flagged`) and the query the
+    matching component ``beta * T``, so ``[q, beta T] . [c_i, flag_i] / T = s_i / T + beta flag_i``."""
+    d = queries.shape[1]
     out = torch.empty(queries.shape[0], chunks.num_docs, dtype=queries.dtype)
     for i in range(0, queries.shape[0], query_block):
         q = queries[i:i + query_block]
-        pooled = attention_pool(chunks.vectors, q, offsets=chunks.offsets, scale=1.0, temperature=temperature)
+        if first_bias:
+            flagged_q = torch.cat([q, q.new_full((q.shape[0], 1), first_bias * temperature)], dim=1)
+            pooled = attention_pool(chunks.first_flagged(), flagged_q, offsets=chunks.offsets, scale=1.0,
+                                    temperature=temperature)[..., :d]
+        else:
+            pooled = attention_pool(chunks.vectors, q, offsets=chunks.offsets, scale=1.0, temperature=temperature)
         pooled = pooled.reshape(chunks.num_docs, q.shape[0], -1)  # [B, Qb, D]
         # cos(q, p) without writing a normalized copy of the pooled vectors
         out[i:i + query_block] = torch.einsum("qd,bqd->qb", q, pooled) / pooled.norm(dim=-1).T.clamp(min=1e-12)
     return out.masked_fill(chunks.lengths == 0, float("-inf"))
 
 
-def attention_weights(vectors: Tensor, query: Tensor, temperature: float) -> Tensor:
-    """The weights ``softmax(s / T)`` over one document's chunks ``[n, D]`` for one query ``[D]``."""
-    return torch.softmax((vectors @ query).double() / temperature, 0).float()
+def attention_weights(vectors: Tensor, query: Tensor, temperature: float, first_bias: float = 0.0) -> Tensor:
+    """The weights ``softmax(s / T + beta [i = 0])`` over one document's chunks ``[n, D]`` for one query ``[D]``."""
+    logits = (vectors @ query).double() / temperature
+    if first_bias and logits.numel():
+        logits[0] += first_bias
+    return torch.softmax(logits, 0).float()
 
 
 def reciprocal_rank_fusion(scores: list[Tensor], k: float = 60.0) -> Tensor:

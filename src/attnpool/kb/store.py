@@ -10,6 +10,13 @@ version appears whole or not at all), and the ``documents`` table is the commit 
 Readers keep only chunks whose ``(doc_id, doc_hash)`` matches ``documents``, so a run killed at any point leaves every
 document either at its old version or at its new one, never half-written and never duplicated. Chunks left over by
 a killed run (orphans) are invisible, and :meth:`LanceStore.remove_orphans` deletes them at the start of the next run.
+
+The lexical side lives in the same table: a full-text (BM25) index on ``chunks.text``
+(:meth:`LanceStore.text_search`). It is derived data. Rows appended since it was last brought up to date are
+searched by a scan, deleted rows never match, and hits on orphans are dropped by the same ``(doc_id, doc_hash)``
+rule, so it is never stale; :meth:`LanceStore.optimize` (run at the end of every indexing run) folds new rows into
+it, and a missing index (a store from before it existed, or a run killed before its first commit) is created on
+first use.
 """
 
 from __future__ import annotations
@@ -25,10 +32,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "ChunkRows", "LanceStore", "StoreError", "StoredChunks"]
+__all__ = ["FORMAT_VERSION", "ChunkRows", "LanceStore", "StoreError", "StoredChunks", "create_text_index",
+           "text_search"]
 
 FORMAT_VERSION = 1
 META_FILE = "kb.json"
+#: the full-text index's analysis: lower case, ASCII folding, English stop words and stemming
+TEXT_INDEX_OPTIONS: dict[str, Any] = {"stem": True, "remove_stop_words": True, "lower_case": True,
+                                      "ascii_folding": True}
 
 
 class StoreError(RuntimeError):
@@ -76,6 +87,7 @@ class StoredChunks:
 
     doc_ids: list[str]
     titles: list[str]
+    doc_hashes: list[str]
     offsets: np.ndarray  # [B+1] int64
     vectors: np.ndarray  # [N, dim] float32
     starts: np.ndarray  # [N] int64
@@ -174,8 +186,8 @@ class LanceStore:
         vectors = np.ascontiguousarray(flat.reshape(-1, self.dim)[rows], dtype=np.float32)
         counts = np.bincount(doc_pos[rows], minlength=len(doc_ids))
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        return StoredChunks(doc_ids, titles, offsets, vectors, cols.column("start").to_numpy()[rows],
-                            cols.column("end").to_numpy()[rows])
+        return StoredChunks(doc_ids, titles, [current[d] for d in doc_ids], offsets, vectors,
+                            cols.column("start").to_numpy()[rows], cols.column("end").to_numpy()[rows])
 
     def chunk_texts(self, doc_id: str) -> list[dict[str, Any]]:
         """The live chunks of one document, in order: ``chunk_index``, ``start``, ``end``, ``text``."""
@@ -207,6 +219,20 @@ class LanceStore:
             if current.get(row["doc_id"]) == row["doc_hash"]:
                 by_doc.setdefault(row["doc_id"], []).append(row)
         return [document_texts(sorted(by_doc.get(d, []), key=lambda r: r["chunk_index"])) for d in doc_ids]
+
+    def has_text_index(self) -> bool:
+        return any(getattr(i, "index_type", "") == "FTS" for i in self.chunks.list_indices())
+
+    def ensure_text_index(self) -> None:
+        """Create the full-text index on ``chunks.text`` if the store has none."""
+        if not self.has_text_index():
+            create_text_index(self.chunks)
+
+    def text_search(self, query: str, limit: int) -> dict[str, list[Any]]:
+        """The ``limit`` chunk rows that BM25 ranks best for ``query`` (analysed as plain words: no query syntax),
+        as columns ``doc_id``, ``doc_hash``, ``chunk_index``, ``_score``; orphans included (callers match
+        ``(doc_id, doc_hash)`` against the committed documents)."""
+        return text_search(self.chunks, query, limit, ["doc_id", "doc_hash", "chunk_index"])
 
     # -- writing ---------------------------------------------------------------------------------------------------
 
@@ -269,7 +295,30 @@ class LanceStore:
         return len(ids)
 
     def optimize(self) -> None:
-        """Compact the tables' files and drop old versions (after a run; never needed for correctness)."""
+        """Create or update the full-text index, compact the tables' files and drop old versions (after a run;
+        never needed for correctness)."""
+        self.ensure_text_index()
         for table in (self.chunks, self.documents):
             with contextlib.suppress(Exception):
                 table.optimize()
+
+
+def create_text_index(table: Any) -> None:
+    """(Re)build a LanceDB table's full-text index on ``text``, with :data:`TEXT_INDEX_OPTIONS`."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # lancedb 0.40 marks create_fts_index deprecated in favour of create_index(config=FTS()), whose sync
+        # signature there still takes a vector metric first; the call is the documented one for this version
+        warnings.simplefilter("ignore", DeprecationWarning)
+        table.create_fts_index("text", replace=True, **TEXT_INDEX_OPTIONS)
+
+
+def text_search(table: Any, query: str, limit: int, columns: Sequence[str]) -> dict[str, list[Any]]:
+    """BM25 search of a LanceDB table's full-text index: ``columns`` and ``_score`` of the best ``limit`` rows."""
+    from lancedb.query import MatchQuery
+
+    if not query.strip():
+        return {c: [] for c in (*columns, "_score")}
+    search = table.search(MatchQuery(query, "text"), query_type="fts")
+    return search.select([*columns, "_score"]).limit(limit).to_arrow().to_pydict()  # type: ignore[no-any-return]

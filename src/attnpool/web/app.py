@@ -22,7 +22,6 @@ and the encoder already uses every core, so parallel searches would only compete
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 import time
 from collections.abc import Sequence
@@ -387,8 +386,6 @@ def create_app(kb: Any, *, warm: bool = True) -> FastAPI:
     unavailable = {m: f"no trained head at {kb.head_path(m)} (train one with `attnpool kb eval BEIR_DIR --store "
                       f"{kb.path} --save-heads`)"
                    for m in HEAD_METHODS if not (kb.head_path(m) / "config.json").is_file()}
-    if importlib.util.find_spec("bm25s") is None:
-        unavailable.update({m: "BM25 needs the bm25s package (the kb extra)" for m in LEXICAL_METHODS})
     if warm:
         kb.search("warm up", k=1)
     app = FastAPI(title="attnpool knowledge base", version="1",
