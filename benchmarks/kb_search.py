@@ -6,8 +6,10 @@ goes. Not a test; writes Markdown and JSON to benchmarks/results/.
 The 100k-chunk store: no 100k-chunk corpus is embedded on this machine (MiniLM embeds ~10 chunks/s on 2 cores), so
 the store is made from the real chunk vectors of a gcloud-man index (``--source-store``), each repeated with small
 Gaussian noise (sigma 0.02 per coordinate before renormalizing) into documents of the same lengths, until
-``--chunks`` chunks. The queries are the real gcloud-man queries, encoded by the real model on every search. Search
-latency = one ``KnowledgeBase.search`` call (encode the query, score every document, top 10), timed per query.
+``--chunks`` chunks; each copy keeps its chunks' real text, so the full-text index (BM25, for ``bm25`` and the
+hybrids) holds 100k real chunk texts too. The queries are the real gcloud-man queries, encoded by the real model on
+every search. Search latency = one ``KnowledgeBase.search`` call (encode the query, score every document, top 10),
+timed per query.
 
 Indexing: a real ``KnowledgeBase.index`` run on ``--index-docs`` gcloud-man documents into a fresh store;
 ``IndexReport`` splits its wall time into the encoder's share and the rest (chunking, hashing, LanceDB writes,
@@ -49,6 +51,8 @@ def build_synthetic_store(source: KnowledgeBase, path: Path, num_chunks: int, se
     meta.pop("format", None)
     store = LanceStore(path, meta)
     base = chunks.vectors.numpy()
+    rows = source.store().chunk_texts_of(source.doc_ids)
+    texts = [[r["text"] for r in rows.get(d, [])] for d in source.doc_ids]
     batch, total, copy = [], 0, 0
     while total < num_chunks:
         for d, n in enumerate(lengths):
@@ -60,7 +64,7 @@ def build_synthetic_store(source: KnowledgeBase, path: Path, num_chunks: int, se
             a = int(chunks.offsets[d])
             v = base[a:a + n] + 0.02 * rng.standard_normal((n, base.shape[1])).astype(np.float32)
             v /= np.linalg.norm(v, axis=1, keepdims=True)
-            batch.append(ChunkRows(f"copy{copy}-{source.doc_ids[d]}", "h", "", "", [""] * n, [0] * n, [0] * n,
+            batch.append(ChunkRows(f"copy{copy}-{source.doc_ids[d]}", "h", "", "", texts[d][:n], [0] * n, [0] * n,
                                    [0] * n, v.astype(np.float32)))
             total += n
             if len(batch) == 2000:
@@ -96,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         cm = kb.chunk_matrix()
         results["load_s"] = time.perf_counter() - t
         results["num_chunks"], results["num_docs"] = kb.num_chunks, kb.num_documents
-        kb.search(queries[0], method="attention")  # loads the model and warms up
+        kb.search(queries[0], method="hybrid-score")  # loads the model and the full-text index, warms up
         search: dict[str, dict[str, float]] = {}
-        for method in ("attention", "max", "mean", "first"):
+        for method in ("hybrid-score", "hybrid", "bm25", "attention", "max", "mean", "first"):
             lat = []
             for q in queries:
                 t = time.perf_counter()
@@ -108,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         results["search"] = search
         # the parts of one query, timed apart
         qv = kb.encode_queries(queries[:1])
-        enc, att, mx, dot = [], [], [], []
+        enc, att, mx, dot, lex = [], [], [], [], []
         for q in queries:
+            t = time.perf_counter()
+            kb.lexical_chunk_scores([q])
+            lex.append(1000 * (time.perf_counter() - t))
             t = time.perf_counter()
             qv = kb.encode_queries([q])
             enc.append(1000 * (time.perf_counter() - t))
@@ -129,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             floor.append(1000 * (time.perf_counter() - t))
         results["parts_ms"] = {
             "encode_query": {"p50": percentile(enc, 50), "p95": percentile(enc, 95)},
+            "bm25_full_text_index": {"p50": percentile(lex, 50), "p95": percentile(lex, 95)},
             "attention_pooling_all_docs": {"p50": percentile(att, 50), "p95": percentile(att, 95)},
             "maxsim_all_docs": {"p50": percentile(mx, 50), "p95": percentile(mx, 95)},
             "chunk_dot_products": {"p50": percentile(dot, 50), "p95": percentile(dot, 95)},
