@@ -29,6 +29,7 @@ and in ``experiments/README.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -724,6 +725,12 @@ def _worker_init(queue: Any, threads: int) -> None:
     global _WORKER_QUEUE
     _WORKER_QUEUE = queue
     torch.set_num_threads(threads)
+    if sys.platform.startswith("linux"):  # a worker whose parent was killed stops too, rather than run on alone
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 _WORKER_QUEUE: Any = None
