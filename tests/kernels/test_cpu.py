@@ -104,6 +104,33 @@ def test_feature_dims(dim):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+# The forward computes logits one row at a time for M <= 2 and on tiles of 3 rows x 4 queries (4 x 3 for a group of
+# three) with a software prefetch of the next block for M >= 3; queries go in groups of four. Every M up to two full
+# groups plus one, sets whose lengths leave every remainder of a 16-row block and of a 3- or 4-row tile, a set that
+# ends x (the prefetch stops at its last row) and a set cut across pieces of the work split.
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+@pytest.mark.parametrize("dim", [7, 16, 67])
+def test_every_query_count_and_tile_remainder(m, dim):
+    lengths = [1, 2, 3, 4, 5, 0, 15, 16, 17, 18, 19, 31, 33, 2500, 47, 1, 2]
+    x, offsets, q = batch(lengths, dim, query_rows=1 if m % 2 else 0, m=m, seed=m)
+    for name, a, b in zip(("out", "lse", "dx", "dq"), run(cpu.segment_attention_pool, x, offsets, q, 0.3),
+                          run(reference.segment_attention_pool, x, offsets, q, 0.3)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda s, name=name: f"{name}: {s}")
+    x32, q32 = x.float(), q.float()
+    got = cpu.segment_attention_pool(x32, offsets, q32, 0.3)
+    want = reference.segment_attention_pool(x, offsets, q, 0.3)
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1].double(), want[1], rtol=1e-5, atol=1e-5)
+
+
+def test_tiled_path_in_half_precision_and_on_both_instruction_sets(isa):
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)):
+        x, offsets, q = batch([20, 0, 37, 5], 40, dtype, m=4)
+        for a, b in zip(run(cpu.segment_attention_pool, x, offsets, q, 0.3),
+                        run(reference.segment_attention_pool, x, offsets, q, 0.3)):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
 def _pool_with_finite_lse(offsets):
     def f(x, q):
         out, lse = cpu.segment_attention_pool(x, offsets, q, 0.7)

@@ -8,18 +8,27 @@
 // (running max, running sum, running weighted sum in the forward; a partial dq in the backward) that a short serial
 // pass merges in row order. So one set of 1M rows beside 10k tiny sets costs what its rows cost, nothing more.
 //
-// Inner loops. Rows are taken in blocks of 16: the block's logits come first (one row at a time, so that x streams
-// from memory in address order, which the hardware prefetchers follow: tiles of 2 or 4 rows ran up to 2.4x slower),
-// then one max, at most one rescale and one vectorized exp per block, then the block's rows are added into the
-// accumulators with the weights (from L1, the accumulators held in registers across the 16 rows).
+// Inner loops. Rows are taken in blocks of 16: the block's logits come first, then one max, at most one rescale and
+// one vectorized exp per block, then the block's rows are added into the accumulators with the weights (from L1, the
+// accumulators held in registers across the 16 rows). With one or two queries the logits are computed one row at a
+// time, so that x streams from memory in address order, which the hardware prefetchers follow. With three or more
+// the loop does several multiply-adds per element of x and memory and arithmetic must overlap: the logits are then
+// computed on tiles of 3 or 4 rows (each load of x serves four queries and each load of a query three rows), and
+// while a block's rows are being added up, the next block is prefetched, so that the tiles read it from the cache
+// (tiles reading from memory ran up to 2.4x slower: interleaved row streams defeat the hardware prefetchers; the
+// software prefetch alone, one row at a time, did not help). See benchmarks/cpu_kernel_notes.md.
 
 constexpr int kVB = AP_VBYTES;
 constexpr int64_t kBlockRows = 16;  // also the stride of the per-block [K][kBlockRows] coefficient buffers
 static_assert(kBlockRows % (kVB / 4) == 0, "exp_inplace works on whole vectors");
 #define AP_INLINE inline __attribute__((always_inline))
-// Software prefetch distance (bytes) in the logits loop when it does 3 or more dot products per load of x; there the
-// loop is slow enough for the hardware prefetcher to fall behind (measured: backward -12% at M=4; +20% at M=1).
+// Software prefetch distance (bytes) in the one-row logits loop when it does 3 or more dot products per load of x
+// (the backward); there the loop is slow enough for the hardware prefetcher to fall behind (measured: backward -12%
+// at M=4; +20% at M=1).
 constexpr int kPrefetch = 1024;
+// The forward prefetches its next block from this many queries on (below, one row at a time is as fast, and the
+// prefetch costs: measured at M = 1, 2 in cpu_kernel_notes.md).
+constexpr int64_t kTiledFromQueries = 3;
 
 template <class A> struct VecT { typedef A type __attribute__((vector_size(kVB))); };
 template <class A> using Vec = typename VecT<A>::type;
@@ -54,9 +63,34 @@ template <class A> static inline A dot(const A* __restrict a, const A* __restric
 
 // ---- three small products on a block of rows, register-tiled to keep ~8 independent accumulators ----------------
 
-// out[k*ld] = x . v_k for k < KB.
+// out[k*ld + r] = x_r . v_k for r < RT, k < KB: each load of x serves KB queries and each load of a query RT rows
+// (RT * KB accumulators: 12 of the 16 vector registers of x86-64).
+template <class A, int RT, int KB>
+static AP_INLINE void dots_tile(const A* const* x, const A* const* v, int64_t D, A* out, int64_t ld) {
+  constexpr int L = lanes<A>();
+  Vec<A> acc[RT][KB];
+  for (int r = 0; r < RT; ++r)
+    for (int k = 0; k < KB; ++k) acc[r][k] = Vec<A>{};
+  int64_t d = 0;
+  for (; d + L <= D; d += L) {
+    Vec<A> xv[RT];
+    for (int r = 0; r < RT; ++r) xv[r] = vload(x[r] + d);
+    for (int k = 0; k < KB; ++k) {
+      const Vec<A> qv = vload(v[k] + d);
+      for (int r = 0; r < RT; ++r) acc[r][k] += xv[r] * qv;
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int k = 0; k < KB; ++k) {
+      A s = hsum<A>(acc[r][k]);
+      for (int64_t e = d; e < D; ++e) s += x[r][e] * v[k][e];
+      out[k * ld + r] = s;
+    }
+}
+
+// out[k*ld] = x . v_k for k < KB, one row, U vectors of D at a time (~8 independent accumulators).
 template <class A, int KB, int U>
-static AP_INLINE void dots_tile(const A* __restrict x, const A* const* v, int64_t D, A* out, int64_t ld) {
+static AP_INLINE void dots_row(const A* __restrict x, const A* const* v, int64_t D, A* out, int64_t ld) {
   constexpr int L = lanes<A>();
   Vec<A> acc[KB][U];
   for (int k = 0; k < KB; ++k)
@@ -82,24 +116,54 @@ static AP_INLINE void dots_tile(const A* __restrict x, const A* const* v, int64_
   }
 }
 
-// out[k*ld + r] = x_r . v_k for r < rb, k < K.
-template <class A>
-static inline void dots(const A* const* x, int64_t rb, const A* const* v, int64_t K, int64_t D, A* out, int64_t ld) {
-  for (int64_t r = 0; r < rb; ++r)
-    for (int64_t k = 0; k < K; k += 4) {
-      A* o = out + k * ld + r;
-      switch (std::min<int64_t>(4, K - k)) {
-        case 4: dots_tile<A, 4, 2>(x[r], v + k, D, o, ld); break;
-        case 3: dots_tile<A, 3, 2>(x[r], v + k, D, o, ld); break;
-        case 2: dots_tile<A, 2, 4>(x[r], v + k, D, o, ld); break;
-        default: dots_tile<A, 1, 4>(x[r], v + k, D, o, ld); break;
-      }
-    }
+// Rows [0, rb) in tiles of RT rows, the rest one at a time.
+template <class A, int RT, int KB>
+static AP_INLINE void dots_tiles(const A* const* x, int64_t rb, const A* const* v, int64_t D, A* out, int64_t ld) {
+  int64_t r = 0;
+  for (; r + RT <= rb; r += RT) dots_tile<A, RT, KB>(x + r, v, D, out + r, ld);
+  for (; r < rb; ++r) dots_row<A, KB, 2>(x[r], v, D, out + r, ld);
 }
 
-// acc_k[0:D] += sum_r w[k*ld + r] x_r for k < KB (acc_k = acc + k*D).
-template <class A, int KB, int U>
-static AP_INLINE void accum_tile(A* acc, const A* const* x, int64_t rb, const A* w, int64_t ld, int64_t D) {
+// out[k*ld + r] = x_r . v_k for r < rb, k < K, four queries at a time: on row tiles when `tiled` (the rows must then
+// be in the cache already: see the header), else one row at a time.
+template <class A>
+static inline void dots(const A* const* x, int64_t rb, const A* const* v, int64_t K, int64_t D, A* out, int64_t ld,
+                        bool tiled) {
+  for (int64_t k = 0; k < K; k += 4) {
+    const int64_t kb = std::min<int64_t>(4, K - k);
+    A* o = out + k * ld;
+    if (tiled && kb == 4) {
+      dots_tiles<A, 3, 4>(x, rb, v + k, D, o, ld);
+    } else if (tiled && kb == 3) {
+      dots_tiles<A, 4, 3>(x, rb, v + k, D, o, ld);
+    } else {
+      for (int64_t r = 0; r < rb; ++r) {
+        switch (kb) {
+          case 4: dots_row<A, 4, 2>(x[r], v + k, D, o + r, ld); break;
+          case 3: dots_row<A, 3, 2>(x[r], v + k, D, o + r, ld); break;
+          case 2: dots_row<A, 2, 4>(x[r], v + k, D, o + r, ld); break;
+          default: dots_row<A, 1, 4>(x[r], v + k, D, o + r, ld); break;
+        }
+      }
+    }
+  }
+}
+
+// A software prefetch spread over a loop: `per` cache lines of [cur, end) at each step, into L2 (hint 1: the block
+// being read stays in L1).
+struct PrefetchCursor {
+  const char* cur = nullptr;
+  const char* end = nullptr;
+  int64_t per = 0;
+  AP_INLINE void step() {
+    for (int64_t j = 0; j < per && cur < end; ++j, cur += 64) __builtin_prefetch(cur, 0, 1);
+  }
+};
+
+// acc_k[0:D] += sum_r w[k*ld + r] x_r for k < KB (acc_k = acc + k*D); with PF, pc prefetches as it goes.
+template <class A, int KB, int U, bool PF = false>
+static AP_INLINE void accum_tile(A* acc, const A* const* x, int64_t rb, const A* w, int64_t ld, int64_t D,
+                                PrefetchCursor* pc = nullptr) {
   constexpr int L = lanes<A>();
   int64_t d = 0;
   for (; d + U * L <= D; d += U * L) {
@@ -107,6 +171,7 @@ static AP_INLINE void accum_tile(A* acc, const A* const* x, int64_t rb, const A*
     for (int k = 0; k < KB; ++k)
       for (int u = 0; u < U; ++u) a[k][u] = vload(acc + k * D + d + u * L);
     for (int64_t r = 0; r < rb; ++r) {
+      if (PF) pc->step();
       Vec<A> xv[U];
       for (int u = 0; u < U; ++u) xv[u] = vload(x[r] + d + u * L);
       for (int k = 0; k < KB; ++k) {
@@ -135,8 +200,17 @@ static AP_INLINE void accum_tile(A* acc, const A* const* x, int64_t rb, const A*
 }
 
 template <class A>
-static inline void accum(A* acc, const A* const* x, int64_t rb, const A* w, int64_t ld, int64_t K, int64_t D) {
-  for (int64_t k = 0; k < K; k += 4) {
+static inline void accum(A* acc, const A* const* x, int64_t rb, const A* w, int64_t ld, int64_t K, int64_t D,
+                         PrefetchCursor* pc = nullptr) {
+  int64_t k = 0;
+  if (pc && K >= 3) {  // the first four (or three) queries carry the prefetch
+    if (K >= 4)
+      accum_tile<A, 4, 2, true>(acc, x, rb, w, ld, D, pc);
+    else
+      accum_tile<A, 3, 2, true>(acc, x, rb, w, ld, D, pc);
+    k = std::min<int64_t>(4, K);
+  }
+  for (; k < K; k += 4) {
     switch (std::min<int64_t>(4, K - k)) {
       case 4: accum_tile<A, 4, 2>(acc + k * D, x, rb, w + k * ld, ld, D); break;
       case 3: accum_tile<A, 3, 2>(acc + k * D, x, rb, w + k * ld, ld, D); break;
@@ -358,7 +432,7 @@ template <class A> struct Block {
 };
 
 template <class A> struct Fwd {
-  int kind; const void* x; int64_t ldx, D;
+  int kind; const void* x; int64_t ldx, N, D;
   const A* q; int64_t G, M; A scale;
 
   // Fold rows [rs, re) of set b into the online-softmax state mx[M], sm[M], acc[M*D]. qp: M row pointers.
@@ -366,10 +440,13 @@ template <class A> struct Fwd {
     const A* qb = q + (G == 1 ? 0 : b) * M * D;
     for (int64_t m = 0; m < M; ++m) qp[m] = qb + m * D;
     A* lg = blk.logits;
+    const bool tiled = M >= kTiledFromQueries;
+    const int64_t es = elem_size(kind, sizeof(A));
+    const char* xb = static_cast<const char*>(x);
     for (int64_t i0 = rs; i0 < re; i0 += kBlockRows) {
       const int64_t rb = std::min(kBlockRows, re - i0);
       blk.load(kind, x, ldx, i0, rb, D);
-      dots(blk.rowp, rb, qp, M, D, lg, kBlockRows);
+      dots(blk.rowp, rb, qp, M, D, lg, kBlockRows, tiled);
       for (int64_t m = 0; m < M; ++m) {
         A* l = lg + m * kBlockRows;
         A bmax = -INFINITY;
@@ -398,7 +475,14 @@ template <class A> struct Fwd {
         for (int64_t r = lanes<A>(); r < kBlockRows; r += lanes<A>()) v += vload(l + r);
         sm[m] += hsum<A>(v);
       }
-      accum(acc, blk.rowp, rb, lg, kBlockRows, M, D);
+      PrefetchCursor pc;  // the next block of x (whichever set it belongs to), spread over the accumulation
+      if (tiled) {
+        pc.cur = xb + std::min(i0 + kBlockRows, N) * ldx * es;
+        pc.end = xb + std::min(i0 + 2 * kBlockRows, N) * ldx * es;
+        const int64_t steps = std::max<int64_t>(1, rb * (D / (2 * lanes<A>())));  // accum_tile<A, 4 or 3, 2>'s
+        pc.per = ((pc.end - pc.cur) / 64 + steps - 1) / steps;
+      }
+      accum(acc, blk.rowp, rb, lg, kBlockRows, M, D, tiled ? &pc : nullptr);
     }
   }
 };
@@ -427,7 +511,7 @@ template <class A>
 static int forward(int kind, const void* x, int64_t ldx, int64_t N, int64_t D, const int64_t* off, int64_t B,
                    const A* q, int64_t G, int64_t M, A scale, A* out, A* lse, int64_t P, int nthreads) {
   const Split sp{off, B, N, P};
-  const Fwd<A> f{kind, x, ldx, D, q, G, M, scale};
+  const Fwd<A> f{kind, x, ldx, N, D, q, G, M, scale};
   const int64_t st = M * (D + 2);  // one partial state: acc[M*D], mx[M], sm[M]
   Scratch<A> slots((size_t)(2 * P * st));
   Scratch<int64_t> slot_set((size_t)(2 * P));
@@ -532,7 +616,7 @@ template <class A> struct Bwd {
     for (int64_t i0 = rs; i0 < re; i0 += kBlockRows) {
       const int64_t rb = std::min(kBlockRows, re - i0);
       blk.load(kind, x, ldx, i0, rb, D);
-      dots(blk.rowp, rb, vp, K, D, t, ld);
+      dots(blk.rowp, rb, vp, K, D, t, ld, false);
       for (int64_t m = 0; m < M; ++m) {
         const A l = lse_b[m];
         for (int64_t r = 0; r < ld; ++r)
