@@ -64,6 +64,39 @@ def test_folded_module_runs_on_the_kernel(reference_as_fused, monkeypatch):
         torch.testing.assert_close(out, pool(batch.packed, offsets=batch.offsets), rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_folded_one_head_applies_value_and_output_projections_as_one(reference_as_fused, bias):
+    """One head, W_v and W_o, more pooled vectors than D: (W_o W_v) z + (W_o b_v + b_o) in one product, equal to
+    the projected path (every element through W_k and W_v) with gradients, the empty set still 0."""
+    torch.manual_seed(0)
+    pool = AttentionPool(6, 1, 1, query_proj=True, key_proj=True, value_proj=True, out_proj=True, bias=bias,
+                         learn_temperature=True, dtype=torch.float64)
+    if bias:
+        with torch.no_grad():
+            for layer in (pool.key_proj, pool.value_proj, pool.out_proj):
+                layer.bias.normal_()
+    out_proj_calls = []
+    pool.out_proj.register_forward_hook(lambda *a: out_proj_calls.append(1))
+    batch = make_batch([3, 1, 0, 5, 2, 4, 1, 7, 2, 3], 6)  # B = 10 > D = 6
+    results = {}
+    for fold in (False, True):
+        pool.fold = fold
+        pool.zero_grad()
+        out_proj_calls.clear()
+        x = batch.packed.clone().requires_grad_()
+        out = pool(x, offsets=batch.offsets)
+        out.sin().sum().backward()
+        assert bool(out_proj_calls) == (not fold)  # folded: W_o went into the one product
+        grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in pool.named_parameters()}
+        results[fold] = (out.detach(), x.grad, grads)
+    (o0, x0, g0), (o1, x1, g1) = results[False], results[True]
+    torch.testing.assert_close(o1, o0, rtol=0, atol=1e-13)
+    assert torch.equal(o1[2], torch.zeros_like(o1[2]))
+    torch.testing.assert_close(x1, x0, rtol=0, atol=1e-12)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=1e-12, msg=name)
+
+
 def test_overrides_and_errors(monkeypatch):
     before = kernels._choice
     assert "reference" in kernels.available_kernels()

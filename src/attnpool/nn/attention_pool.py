@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from attnpool._sets import Sets
 from attnpool.functional.pool import attention_pool_sets
@@ -167,8 +168,9 @@ class AttentionPool(SetPool):
         if self.query_proj is not None:
             q = self.query_proj(q)
         temperature = self.temperature if isinstance(self.log_temperature, nn.Parameter) else self.initial_temperature
+        out_projected = False
         if self._use_folded(q.shape[1]):
-            out, weights = self._pool_folded(sets, q, temperature, need_weights)
+            out, weights, out_projected = self._pool_folded(sets, q, temperature, need_weights)
         else:
             x = sets.values
             keys = self.key_proj(x) if self.key_proj is not None else x
@@ -178,7 +180,7 @@ class AttentionPool(SetPool):
                 temperature=temperature, dropout=self.dropout, training=self.training, need_weights=need_weights,
             )
             out = out.to(values.dtype)
-        if self.out_proj is not None:
+        if self.out_proj is not None and not out_projected:
             out = self.out_proj(out)
         return (out.squeeze(1) if squeeze else out), weights
 
@@ -192,11 +194,13 @@ class AttentionPool(SetPool):
         return self.score is None and projected and self.num_heads * num_queries <= self.dim
 
     def _pool_folded(self, sets: Sets, q: Tensor, temperature: float | Tensor,
-                     need_weights: bool) -> tuple[Tensor, Tensor | None]:
+                     need_weights: bool) -> tuple[Tensor, Tensor | None, bool]:
         """Pool without projecting a single element (exact; see the class docstring).
 
         Each (head, query) becomes one full-width query ``W_k,hᵀ q_h`` over the raw elements; the pooled raw
-        vectors ``z_hq = Σ_i a_hqi x_i`` are then projected once: ``W_v,h z_hq + b_v,h``.
+        vectors ``z_hq = Σ_i a_hqi x_i`` are then projected once: ``W_v,h z_hq + b_v,h``. With one head and both
+        ``W_v`` and ``W_o``, the two projections are applied as one, ``(W_o W_v) z + (W_o b_v + b_o)``, when that is
+        cheaper (more pooled vectors than ``D``); the last value returned says whether ``W_o`` was applied.
         """
         g, nq, _ = q.shape
         h, dh, d = self.num_heads, self.dim // self.num_heads, self.dim
@@ -215,6 +219,19 @@ class AttentionPool(SetPool):
         )
         b = sets.batch_size
         z = z.to(q.dtype).view(b, h, nq, d)
+        if self.value_proj is not None and h == 1:
+            weight: Tensor = self.value_proj.weight
+            bias: Tensor | None = self.value_proj.bias
+            compose = self.out_proj is not None and b * nq > d  # B*Q*D^2 + D^3 multiply-adds instead of 2*B*Q*D^2
+            if compose:
+                assert self.out_proj is not None
+                bias = F.linear(bias, self.out_proj.weight, self.out_proj.bias) if bias is not None \
+                    else self.out_proj.bias
+                weight = self.out_proj.weight @ weight
+            out = F.linear(z.view(b * nq, d), weight, bias)
+            if weights is not None:
+                weights = weights.view(weights.shape[0], h, nq, *weights.shape[3:])
+            return out.view(b, nq, d), weights, compose
         if self.value_proj is not None:
             # Σ a_i (W_v x_i + b_v) = W_v Σ a_i x_i + b_v, as the weights of a non-empty set sum to 1; the base
             # class zeroes empty sets afterwards.
@@ -226,7 +243,7 @@ class AttentionPool(SetPool):
         if weights is not None:
             # [B, 1, H*Q, L] -> [B, H, Q, L] padded; [N, 1, H*Q] -> [N, H, Q] packed
             weights = weights.view(weights.shape[0], h, nq, *weights.shape[3:])
-        return out.reshape(b, nq, d), weights
+        return out.reshape(b, nq, d), weights, False
 
     def extra_repr(self) -> str:
         parts = [f"dim={self.dim}", f"num_queries={self.num_queries}", f"num_heads={self.num_heads}"]
