@@ -94,6 +94,19 @@ def test_explain_gives_every_chunk_weight_and_the_pooling_diagnostics(client, kb
     assert "zebra quokka marmoset" in heaviest["text"]
 
 
+def test_explain_of_a_hybrid_shows_each_signal_and_the_chunks_bm25(client, kb):
+    body = client.post("/api/explain", json={"query": QUERY, "k": 3, "method": "hybrid-score"}).json()
+    for hit in body["hits"]:
+        assert set(hit["signals"]) == {"bm25", "attention"}
+        assert all(1 <= s["rank"] <= kb.num_documents for s in hit["signals"].values())
+        assert all(c["lexical"] is not None for c in hit["chunks"])
+    top = body["hits"][0]
+    assert top["doc_id"] == "storage-buckets-delete" and top["signals"]["bm25"]["rank"] == 1
+    assert max(top["chunks"], key=lambda c: c["lexical"])["text"], "the chunk with the lexical evidence is shown"
+    plain = client.post("/api/explain", json={"query": QUERY, "k": 1, "method": "attention"}).json()["hits"][0]
+    assert plain["signals"] == {} and all(c["lexical"] is None for c in plain["chunks"])
+
+
 def test_a_lower_temperature_concentrates_the_weights(client):
     def top_pooling(t):
         body = client.post("/api/explain", json={"query": QUERY, "k": 1, "temperature": t}).json()

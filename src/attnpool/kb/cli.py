@@ -76,12 +76,17 @@ def _search(args: argparse.Namespace) -> int:
         title = f"  {hit.title}" if hit.title else ""
         print(f"{rank:>3}. {hit.score:.4f}  {hit.doc_id}{title}")
         if args.explain:
+            if hit.signals:  # a hybrid: where each signal ranked the document
+                print("       ranks: " + " · ".join(f"{name} #{s['rank']} ({s['score']:.3f})"
+                                                   for name, s in hit.signals.items()))
             weights = " ".join(f"{c.weight:.2f}" for c in hit.chunks)
             print(f"       chunk weights: {weights}")
             for c in sorted((c for c in hit.chunks if c.text), key=lambda c: -c.weight):
                 snippet = " ".join(c.text.split())
                 snippet = snippet if len(snippet) <= 240 else snippet[:239] + "…"
-                print(f"       [{c.index}] w={c.weight:.2f} cos={c.similarity:.3f} chars {c.start}-{c.end}: {snippet}")
+                bm25 = "" if c.lexical is None else f" bm25={c.lexical:.2f}"
+                print(f"       [{c.index}] w={c.weight:.2f} cos={c.similarity:.3f}{bm25} chars {c.start}-{c.end}: "
+                      f"{snippet}")
     return 0
 
 

@@ -186,6 +186,12 @@ class ChunkOut(BaseModel):
     start: int
     end: int
     text: str
+    lexical: float | None = Field(None, description="the chunk's BM25 score (methods that read the query's words)")
+
+
+class SignalOut(BaseModel):
+    score: float
+    rank: int = Field(description="1 = best")
 
 
 class HitOut(BaseModel):
@@ -197,6 +203,8 @@ class HitOut(BaseModel):
 class ExplainedHit(HitOut):
     chunks: list[ChunkOut]
     pooling: PoolingDiagnostics
+    signals: dict[str, SignalOut] = Field(default_factory=dict,
+                                          description="for a hybrid: the document's score and rank under each signal")
 
 
 class Summary(BaseModel):
@@ -268,7 +276,9 @@ def _mean(values: list[float | None]) -> float | None:
 def _explained(hits: list[Any]) -> tuple[list[ExplainedHit], Summary]:
     out = [ExplainedHit(doc_id=h.doc_id, score=h.score, title=h.title,
                         chunks=[ChunkOut(**vars(c)) for c in h.chunks],
-                        pooling=pooling_diagnostics([c.weight for c in h.chunks])) for h in hits]
+                        pooling=pooling_diagnostics([c.weight for c in h.chunks]),
+                        signals={k: SignalOut(score=v["score"], rank=int(v["rank"])) for k, v in h.signals.items()})
+           for h in hits]
     summary = Summary(top_hit=out[0].pooling if out else None,
                       mean_normalized_entropy=_mean([h.pooling.normalized_entropy for h in out]),
                       mean_effective_n=_mean([h.pooling.effective_n for h in out]))

@@ -85,13 +85,22 @@ function renderHit(hit, rank) {
               el("span", "pooling", `entropy ${fmt(hit.pooling.normalized_entropy)} · effective N ` +
                                     `${fmt(hit.pooling.effective_n, 1)} of ${hit.pooling.n}`));
   item.append(head);
+  const signals = Object.entries(hit.signals || {});
+  if (signals.length) {
+    // a hybrid: where each of its signals ranked this document, so disagreements show
+    const line = el("div", "signals", "ranks: " + signals.map(([name, s]) =>
+      `${name} #${s.rank} (${fmt(s.score, 3)})`).join(" · "));
+    line.title = "the document's rank (1 = best) and score under each signal the hybrid fuses";
+    item.append(line);
+  }
   const maxWeight = Math.max(...hit.chunks.map((c) => c.weight), 1e-12);
   const heat = el("div", "heat");
   heat.title = "every chunk of the document, in order; darker = more attention weight";
   for (const c of hit.chunks) {
     const cell = el("span");
     cell.style.opacity = String(0.08 + 0.92 * c.weight / maxWeight);
-    cell.title = `chunk ${c.index}: weight ${fmt(c.weight, 3)}, cosine ${fmt(c.similarity, 3)}, chars ${c.start}-${c.end}`;
+    const bm25 = c.lexical == null ? "" : `, BM25 ${fmt(c.lexical, 2)}`;
+    cell.title = `chunk ${c.index}: weight ${fmt(c.weight, 3)}, cosine ${fmt(c.similarity, 3)}${bm25}, chars ${c.start}-${c.end}`;
     heat.append(cell);
   }
   item.append(heat);
@@ -100,8 +109,9 @@ function renderHit(hit, rank) {
     const chunk = el("div", "chunk");
     chunk.dataset.weight = String(c.weight);
     chunk.style.background = `rgba(var(--heat), ${(0.06 + 0.5 * c.weight / maxWeight).toFixed(3)})`;
+    const bm25 = c.lexical == null ? "" : ` · BM25 ${fmt(c.lexical, 2)}`;
     chunk.append(el("span", "weight", `chunk ${c.index} · weight ${fmt(c.weight, 3)} · cosine ` +
-                                      `${fmt(c.similarity, 3)} · chars ${c.start}–${c.end}`));
+                                      `${fmt(c.similarity, 3)}${bm25} · chars ${c.start}–${c.end}`));
     chunk.append(document.createTextNode(c.text.replace(/\s+/g, " ").trim()));
     item.append(chunk);
   }
