@@ -192,9 +192,10 @@ def evaluate_beir(beir_dir: str | os.PathLike[str], kb: KnowledgeBase, *, seed: 
     test_texts = [data.queries[q] for q in test_ids]
     if "hybrid-score" in methods and fit:
         t = time.perf_counter()
+        signals = kb.signals(tune_q, "hybrid-score", texts=tune_texts, temperature=temperature,
+                             first_bias=first_bias)
         for w in FUSION_GRID:
-            s = kb.score(tune_q, "hybrid-score", texts=tune_texts, temperature=temperature, first_bias=first_bias,
-                         fusion_weight=w)
+            s = kb.fuse(signals, "hybrid-score", fusion_weight=w)
             curve[f"w={w}"] = float(per_query_metrics(s, doc_ids, tune_ids, data.qrels)["ndcg@10"].mean())
         fusion_weight = float(max(FUSION_GRID, key=lambda w: curve[f"w={w}"]))
         timing["tune_fusion_s"] = time.perf_counter() - t
