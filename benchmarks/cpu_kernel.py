@@ -1,6 +1,16 @@
 """Benchmark of the fused CPU kernel against its alternatives and the memory floor (see benchmarks/cpu_kernel_notes.md).
 
     python benchmarks/cpu_kernel.py [--threads 2] [--reps 11] [--no-compile] [--cpu-time]
+    python benchmarks/cpu_kernel.py --sweep [--threads 1,2] [--reps 21] [--cpu-time] [--baseline GIT_REV]
+
+The default mode compares the variants below on four cases. ``--sweep`` times only the fused forward against the
+floor, for M = 1, 2, 4, 8 queries at D = 128 and 256 (B = 256 sets of 1..1024 rows: 67 / 134 MB, beyond the L3), at
+each thread count given, in one process: paired rounds (floor, then every M) so that a burst of outside load hits
+all alike; it prints the medians, the median per-round ratio to the floor, the multiply-adds per second the kernel
+reached (2 M D per row), and for scale the rate of an in-cache float32 matmul (torch.mm, 256 x 256 x 256) on the
+same threads, a practical ceiling for the FMA units. With --cpu-time the 1-thread rows are timed in thread CPU time
+(robust to other jobs taking the core; the 2-thread rows stay wall time). --baseline REV builds the kernel sources
+of a git revision beside the current ones and alternates their calls, for before/after figures from one process.
 
 Variants, each checked against the reference before it is timed:
   reference  attnpool.kernels.reference (torch ops; N x M x D temporaries)
@@ -66,7 +76,13 @@ def main():
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--cpu-time", action="store_true", help="thread CPU time (only meaningful with --threads 1)")
     p.add_argument("--cases", default="0,1,2,3", help="which cases to run (indices into CASES)")
-    args = p.parse_args()
+    p.add_argument("--sweep", action="store_true", help="forward only: M = 1, 2, 4, 8 at D = 128, 256 vs x.sum()")
+    args, rest = p.parse_known_args()
+    if args.sweep:
+        sweep(rest, args.reps, args.cpu_time)
+        return
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     torch.set_num_threads(args.threads)
     t = time.perf_counter()
     cpu.build()
@@ -124,6 +140,104 @@ def run_case(name, x, offsets, q, scale, args):
         f_b = timed(fb(fn), reps(k), args.cpu_time)
         print(f"  {k:10s} fwd {f:8.2f} ({f / floor_f:5.2f}x floor)   "
               f"fwd+bwd {f_b:8.2f} ({f_b / floor_b:5.2f}x floor)")
+
+def baseline_library(rev):
+    """The kernel library built from the sources of git revision ``rev``, with the flags cpu.py uses (for A/B
+    timings of a kernel change in one process: calls alternate, so outside load hits both alike)."""
+    import ctypes
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    tmp = Path(tempfile.mkdtemp(prefix="attnpool-baseline-"))
+    for name in cpu._SOURCES:
+        text = subprocess.run(["git", "show", f"{rev}:src/attnpool/kernels/csrc/{name}"], cwd=root, check=True,
+                              capture_output=True, text=True).stdout
+        (tmp / name).write_text(text)
+    cxx = cpu._compiler()
+    objects = [str(tmp / f"part{i}.o") for i in (0, 1)]
+    for i, obj in enumerate(objects):
+        subprocess.run([*cxx, *cpu._CFLAGS, f"-DAP_PART={i}", "-c", str(tmp / cpu._SOURCES[0]), "-o", obj],
+                       check=True)
+    subprocess.run([*cxx, *cpu._LDFLAGS, *objects, "-o", str(tmp / "lib.so")], check=True)
+    lib = ctypes.CDLL(str(tmp / "lib.so"))
+    lib.ap_forward.argtypes = cpu.build().ap_forward.argtypes
+    lib.ap_forward.restype = ctypes.c_int
+    return lib
+
+
+def forward_call(lib, x, offsets, q, scale, threads):
+    """One forward of ``lib`` (float32, shared query) straight through its C entry point."""
+    b, m, d = offsets.shape[0] - 1, q.shape[1], x.shape[1]
+    out, lse = torch.empty(b, m, d), torch.empty(b, m)
+
+    def run():
+        status = lib.ap_forward(0, x.data_ptr(), d, x.shape[0], d, offsets.data_ptr(), b, q.data_ptr(), 1, m, scale,
+                                out.data_ptr(), lse.data_ptr(), threads)
+        assert status == 0, status
+        return out, lse
+    return run
+
+
+def sweep(argv, reps, cpu_time):
+    p = argparse.ArgumentParser(prog="cpu_kernel.py --sweep")
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    p.add_argument("--ms", default="1,2,4,8")
+    p.add_argument("--dims", default="128,256")
+    p.add_argument("--baseline", metavar="REV", help="also time the kernel of this git revision, calls alternating")
+    args = p.parse_args(argv)
+    reps = max(reps, 5)
+    libs = {"kernel": cpu.build()}
+    if args.baseline:
+        libs[args.baseline] = baseline_library(args.baseline)
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 1025, (256,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    n = int(offsets[-1])
+    ms = [int(v) for v in args.ms.split(",")]
+    print(f"isa {cpu._isa()}; B=256 sets, lengths uniform in 1..1024, N={n}; median of {reps} paired rounds, ms, "
+          f"{'thread CPU time with 1 thread, ' if cpu_time else ''}wall time otherwise; x/floor is the median of "
+          f"the per-round ratios; GFMA/s = 2 M D N / time; the kernel is called through its C entry point")
+    for d in [int(v) for v in args.dims.split(",")]:
+        x = torch.randn(n, d, generator=g)
+        qs = {m: torch.randn(1, m, d, generator=g) for m in ms}
+        for threads in [int(v) for v in args.threads.split(",")]:
+            torch.set_num_threads(threads)
+            a, b = torch.randn(256, 256), torch.randn(256, 256)
+            mm = timed(lambda a=a, b=b: torch.mm(a, b), 50, False)
+            fns = {"floor": lambda x=x: x.sum()}
+            for m in ms:
+                want = reference.segment_attention_pool(x, offsets, qs[m], d**-0.5)
+                for name, lib in libs.items():
+                    fn = forward_call(lib, x, offsets, qs[m], d**-0.5, threads)
+                    got = fn()  # correctness first
+                    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+                    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
+                    fns[f"M={m} {name}"] = fn
+            ts: dict[str, list[float]] = {k: [] for k in fns}
+            clock = time.thread_time if cpu_time and threads == 1 else time.perf_counter
+            for _ in range(reps):
+                for k, fn in fns.items():
+                    t = clock()
+                    fn()
+                    ts[k].append(clock() - t)
+            floor = statistics.median(ts["floor"])
+            print(f"D={d} ({x.numel() * 4 / 1e6:.0f} MB), {threads} thread(s): floor x.sum() {floor * 1e3:.2f} ms "
+                  f"({x.numel() * 4 / floor / 1e9:.1f} GB/s); in-cache torch.mm {256**3 / mm / 1e6:.0f} GFMA/s")
+            for m in ms:
+                line = f"  M={m}:"
+                for name in libs:
+                    k = f"M={m} {name}"
+                    med = statistics.median(ts[k])
+                    ratio = statistics.median(t / f for t, f in zip(ts[k], ts["floor"]))
+                    line += f"  {name} {med * 1e3:7.2f} ms {ratio:5.2f}x floor {2 * m * d * n / med / 1e9:5.1f} GFMA/s"
+                if args.baseline:
+                    k0, k1 = f"M={m} kernel", f"M={m} {args.baseline}"
+                    line += f"  | kernel / {args.baseline}: " \
+                            f"{statistics.median(t / u for t, u in zip(ts[k0], ts[k1])):.2f}"
+                print(line)
+
 
 if __name__ == "__main__":
     main()
