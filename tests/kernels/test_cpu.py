@@ -196,8 +196,9 @@ def test_skewed_batch():
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
 
 
-def test_reproducible_whatever_the_thread_count():
-    x, offsets, q = batch([5000, 3, 0, 4000, 1], 16, torch.float32, m=2)
+@pytest.mark.parametrize("m", [2, 4])  # the one-row and the tiled forward
+def test_reproducible_whatever_the_thread_count(m):
+    x, offsets, q = batch([5000, 3, 0, 4000, 1], 16, torch.float32, m=m)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
