@@ -65,7 +65,7 @@ def test_search_finds_the_planted_document(client):
 
 
 def test_explain_gives_every_chunk_weight_and_the_pooling_diagnostics(client, kb):
-    r = client.post("/api/explain", json={"query": QUERY, "k": 4, "top_chunks": 2})
+    r = client.post("/api/explain", json={"query": QUERY, "k": 4, "top_chunks": 2, "method": "attention"})
     assert r.status_code == 200, r.text
     body = r.json()
     lengths = kb.chunk_matrix().lengths

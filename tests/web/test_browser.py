@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("uvicorn", reason="the web app's server is uvicorn (the web extra)")
 pytest.importorskip("websocket", reason="the browser is driven with websocket-client (the web extra)")
 
+from attnpool.kb.methods import DEFAULT_METHOD
 from attnpool.web.browser import Chromium, find_chromium
 from attnpool.web.loadtest import BackgroundServer
 
@@ -54,16 +55,22 @@ def test_typing_a_query_shows_hits_with_highlighted_chunks(browser, kb, tmp_path
     hits = browser.evaluate("""[...document.querySelectorAll('#results .hit')].map(h => ({
         id: h.dataset.docId, title: h.querySelector('.title').textContent,
         cells: h.querySelectorAll('.heat span').length,
+        signals: h.querySelector('.signals') ? h.querySelector('.signals').textContent : null,
         chunks: [...h.querySelectorAll('.chunk')].map(c => ({w: Number(c.dataset.weight), text: c.textContent,
                                                             bg: c.style.background}))}))""")
-    want = kb.search(QUERY, k=10, explain=True, top_chunks=3)
+    # the page starts on the default method, the hybrid, and shows what `kb search --explain` shows
+    assert browser.evaluate("document.getElementById('method').value") == DEFAULT_METHOD
+    want = kb.search(QUERY, method=DEFAULT_METHOD, k=10, explain=True, top_chunks=3)
     assert [h["id"] for h in hits] == [h.doc_id for h in want]
     assert hits[0]["title"] == "gcloud storage buckets delete"
     for shown, hit in zip(hits, want):
         assert shown["cells"] == len(hit.chunks)  # one heat cell per chunk of the document
         weights = [c["w"] for c in shown["chunks"]]
-        assert weights == sorted(weights, reverse=True) and len(weights) == min(3, len(hit.chunks))
+        assert weights == sorted(weights, reverse=True)
+        assert len(weights) == sum(bool(c.text) for c in hit.chunks) >= min(3, len(hit.chunks))
         assert all(c["bg"].startswith("rgba(") for c in shown["chunks"])
+        for name, sig in hit.signals.items():
+            assert f"{name} #{sig['rank']}" in shown["signals"]
     # the heaviest chunk of the top hit is the planted passage, and it is drawn with the strongest highlight
     top = hits[0]["chunks"]
     assert "zebra quokka marmoset" in top[0]["text"]

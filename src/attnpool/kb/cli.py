@@ -58,7 +58,10 @@ def _search(args: argparse.Namespace) -> int:
         if not args.question.strip():
             raise InputError("question: expected a non-empty question, got an empty string")
         query, turn_weights = contextual_query(default_history_pool(), history, args.question, kb.encode_queries)
-    hits = kb.search(query, method=args.method, k=args.k, explain=args.explain)
+    from attnpool.kb.methods import DEFAULT_METHOD
+
+    method = args.method or ("attention" if args.history else DEFAULT_METHOD)
+    hits = kb.search(query, method=method, k=args.k, explain=args.explain)
     if args.json:
         out: Any = [h.to_dict() for h in hits]
         if args.history:
@@ -156,7 +159,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    from attnpool.kb.methods import METHODS
+    from attnpool.kb.methods import DEFAULT_METHOD, METHODS
 
     kb = sub.add_parser("kb", help="a knowledge base of documents pooled from their chunks (index, search, eval)",
                         description="Index documents into an embedded LanceDB store, search them with a document "
@@ -191,7 +194,8 @@ def add_parser(sub: Any) -> None:
     p = kbs.add_parser("search", help="the best documents for a question")
     p.add_argument("question")
     common(p)
-    p.add_argument("--method", choices=METHODS, default="attention", help="document pooling (default: %(default)s)")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help=f"document pooling (default: {DEFAULT_METHOD}; with --history, which pools vectors: attention)")
     p.add_argument("-k", type=int, default=10, help="number of hits (default: %(default)s)")
     p.add_argument("--explain", action="store_true", help="show each hit's chunk weights and best chunks")
     p.add_argument("--json", action="store_true", help="print the hits as JSON")

@@ -26,6 +26,7 @@ from torch import Tensor
 from attnpool.functional import attention_pool
 
 __all__ = [
+    "DEFAULT_METHOD",
     "LEXICAL_METHODS",
     "METHODS",
     "ChunkMatrix",
@@ -39,6 +40,9 @@ __all__ = [
 ]
 
 METHODS = ("first", "mean", "max", "attention", "learned", "multi", "bm25", "hybrid", "hybrid-score")
+#: what `attnpool kb search` and the web page use unless told otherwise: the method that measured best on both
+#: development sets (experiments/README.md, knowledge-base section)
+DEFAULT_METHOD = "hybrid-score"
 #: methods that read the query's text
 LEXICAL_METHODS = ("bm25", "hybrid", "hybrid-score")
 

@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from attnpool.diagnostics.signals import effective_count, entropy, normalized_entropy
-from attnpool.kb.methods import LEXICAL_METHODS, METHODS
+from attnpool.kb.methods import DEFAULT_METHOD, LEXICAL_METHODS, METHODS
 from attnpool.kb.sources import InputError
 from attnpool.kb.store import StoreError
 
@@ -101,7 +101,7 @@ def _not_blank(value: str, name: str) -> str:
 
 class SearchRequest(_Strict):
     query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, description="the question, in plain text")
-    method: Method = Field("attention", description="document pooling: " + ", ".join(METHODS))
+    method: Method = Field(DEFAULT_METHOD, description="document pooling: " + ", ".join(METHODS))
     k: int = Field(10, ge=1, le=MAX_K, description="number of hits")
     temperature: float | None = Field(None, gt=0, le=100, allow_inf_nan=False,
                                       description="softmax temperature over a document's chunks (default: the "
@@ -244,6 +244,9 @@ class Info(BaseModel):
     dim: int
     temperature: float
     methods: list[str]
+    default_method: str = Field(description="the method the page starts with")
+    lexical_methods: list[str] = Field(description="methods that read the query's words (not for history search, "
+                                                   "which pools vectors)")
     unavailable_methods: dict[str, str]
     limits: dict[str, int]
 
@@ -454,7 +457,10 @@ def create_app(kb: Any, *, warm: bool = True) -> FastAPI:
         docs, chunks = await in_worker(lambda: (kb.num_documents, kb.num_chunks))
         return Info(store=str(kb.path), documents=docs, chunks=chunks, model_id=str(meta["model_id"]),
                     dim=int(meta["dim"]), temperature=kb.temperature(),
-                    methods=[m for m in METHODS if m not in unavailable], unavailable_methods=unavailable,
+                    methods=[m for m in METHODS if m not in unavailable],
+                    default_method=DEFAULT_METHOD if DEFAULT_METHOD not in unavailable else "attention",
+                    lexical_methods=list(LEXICAL_METHODS),
+                    unavailable_methods=unavailable,
                     limits={"query_chars": MAX_QUERY_CHARS, "turn_chars": MAX_TURN_CHARS, "turns": MAX_TURNS,
                             "k": MAX_K, "top_chunks": MAX_TOP_CHUNKS, "body_bytes": MAX_BODY_BYTES})
 

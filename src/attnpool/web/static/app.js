@@ -151,8 +151,11 @@ async function search(event) {
   if (event) event.preventDefault();
   const query = $("query").value;
   if (!query.trim()) { showError("query: expected a non-empty question"); return; }
-  const common = {method: $("method").value, k: Number($("k").value) || 10, top_chunks: 3};
   const turns = parseTurns($("turns").value);
+  let method = $("method").value;
+  // a conversation is pooled into one query vector, which has no words for BM25: its search is by attention
+  if (turns.length && lexicalMethods.includes(method)) method = "attention";
+  const common = {method, k: Number($("k").value) || 10, top_chunks: 3};
   showError("");
   document.body.dataset.state = "busy";
   try {
@@ -174,15 +177,18 @@ async function search(event) {
   }
 }
 
+let lexicalMethods = [];
+
 async function init() {
   $("search-form").addEventListener("submit", search);
   try {
     const info = await api("/api/info");
+    lexicalMethods = info.lexical_methods;
     $("store-info").textContent = `${info.documents} documents, ${info.chunks} chunks · ${info.model_id} ` +
                                   `(${info.dim}-d) · ${info.store}`;
     $("method").replaceChildren(...info.methods.map((m) => {
       const option = el("option", "", m);
-      option.selected = m === "attention";
+      option.selected = m === info.default_method;
       return option;
     }));
     $("query").maxLength = info.limits.query_chars;
