@@ -26,8 +26,8 @@ static_assert(kBlockRows % (kVB / 4) == 0, "exp_inplace works on whole vectors")
 // (the backward); there the loop is slow enough for the hardware prefetcher to fall behind (measured: backward -12%
 // at M=4; +20% at M=1).
 constexpr int kPrefetch = 1024;
-// The forward prefetches its next block from this many queries on (below, one row at a time is as fast, and the
-// prefetch costs: measured at M = 1, 2 in cpu_kernel_notes.md).
+// From this many queries on, the forward computes its logits on row tiles and prefetches its next block; with fewer,
+// x streamed one row at a time is as fast and the prefetch only costs (cpu_kernel_notes.md, 2026-11-25 afternoon).
 constexpr int64_t kTiledFromQueries = 3;
 
 template <class A> struct VecT { typedef A type __attribute__((vector_size(kVB))); };
