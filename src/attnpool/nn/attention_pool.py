@@ -219,6 +219,11 @@ class AttentionPool(SetPool):
         )
         b = sets.batch_size
         z = z.to(q.dtype).view(b, h, nq, d)
+        if weights is not None:
+            # [B, 1, H*Q, L] -> [B, H, Q, L] padded; [N, 1, H*Q] -> [N, H, Q] packed
+            weights = weights.view(weights.shape[0], h, nq, *weights.shape[3:])
+        # Σ a_i (W_v x_i + b_v) = W_v Σ a_i x_i + b_v, as the weights of a non-empty set sum to 1; the base class
+        # zeroes empty sets afterwards.
         if self.value_proj is not None and h == 1:
             weight: Tensor = self.value_proj.weight
             bias: Tensor | None = self.value_proj.bias
@@ -228,21 +233,13 @@ class AttentionPool(SetPool):
                 bias = F.linear(bias, self.out_proj.weight, self.out_proj.bias) if bias is not None \
                     else self.out_proj.bias
                 weight = self.out_proj.weight @ weight
-            out = F.linear(z.view(b * nq, d), weight, bias)
-            if weights is not None:
-                weights = weights.view(weights.shape[0], h, nq, *weights.shape[3:])
-            return out.view(b, nq, d), weights, compose
+            return F.linear(z.reshape(b * nq, d), weight, bias).view(b, nq, d), weights, compose
         if self.value_proj is not None:
-            # Σ a_i (W_v x_i + b_v) = W_v Σ a_i x_i + b_v, as the weights of a non-empty set sum to 1; the base
-            # class zeroes empty sets afterwards.
             out = torch.einsum("bhqd,hed->bqhe", z, self.value_proj.weight.view(h, dh, d))
             if self.value_proj.bias is not None:
                 out = out + self.value_proj.bias.view(h, dh)
         else:
             out = z.view(b, h, nq, h, dh).diagonal(dim1=1, dim2=3).permute(0, 1, 3, 2)
-        if weights is not None:
-            # [B, 1, H*Q, L] -> [B, H, Q, L] padded; [N, 1, H*Q] -> [N, H, Q] packed
-            weights = weights.view(weights.shape[0], h, nq, *weights.shape[3:])
         return out.reshape(b, nq, d), weights, False
 
     def extra_repr(self) -> str:
