@@ -223,8 +223,9 @@ def test_degenerate_batches():
         assert dx.shape == (0, 4) and (dq == 0).all()
 
 
-def test_strided_rows():
-    x, offsets, q = batch([4, 0, 9, 2], 6, m=2)
+@pytest.mark.parametrize("m", [2, 4])  # the one-row and the tiled forward (which prefetches strided rows)
+def test_strided_rows(m):
+    x, offsets, q = batch([4, 0, 9, 2, 40], 6, m=m)
     wide = torch.randn(x.shape[0], 10, dtype=torch.float64)
     wide[:, 2:8] = x
     strided = wide[:, 2:8]  # row stride 10
