@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from attnpool import kernels
 from attnpool.nn import AdditiveScore, AttentionPool, BilinearScore
 from tests.conftest import make_batch, reference_attention_pool
 
@@ -229,3 +230,25 @@ def test_fold_is_automatic_only_where_exact_and_cheaper():
     assert not AttentionPool(64, 1, 1, key_proj=True, score="additive")._use_folded(1)
     with pytest.raises(ValueError, match=r"fold: .* dot score"):
         AttentionPool(8, score="additive", fold=True)
+
+
+def test_folded_merge_of_value_and_output_projections_is_exact_and_respects_hooks():
+    """With one head, more pooled vectors than D, and plain W_v and W_o, the folded path applies (W_o W_v) at once;
+    a hooked (or wrapped) W_o is instead called as a module, with the same result."""
+    torch.manual_seed(0)
+    pool = AttentionPool(8, 1, 1, key_proj=True, value_proj=True, out_proj=True).double()
+    x = torch.randn(40, 8, dtype=torch.float64)
+    lengths = torch.tensor([3, 0, 7] + [2] * 15)  # B = 18 > D = 8: the merged product is the cheaper one
+    merged = pool(x, lengths=lengths)
+    with kernels.use_kernel("reference"):
+        pool.fold = False
+        unfolded = pool(x, lengths=lengths)
+        pool.fold = None
+    torch.testing.assert_close(merged, unfolded, rtol=1e-10, atol=1e-12)
+    assert (merged[1] == 0).all()
+    calls = []
+    handle = pool.out_proj.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    hooked = pool(x, lengths=lengths)
+    handle.remove()
+    assert len(calls) == 1
+    torch.testing.assert_close(hooked, merged, rtol=1e-10, atol=1e-12)

@@ -227,7 +227,11 @@ class AttentionPool(SetPool):
         if self.value_proj is not None and h == 1:
             weight: Tensor = self.value_proj.weight
             bias: Tensor | None = self.value_proj.bias
-            compose = self.out_proj is not None and b * nq > d  # B*Q*D^2 + D^3 multiply-adds instead of 2*B*Q*D^2
+            # B*Q*D^2 + D^3 multiply-adds instead of 2*B*Q*D^2; only for a plain Linear without hooks, so that a
+            # wrapped (e.g. LoRA) or hooked output projection is always called as a module
+            out_proj = self.out_proj
+            compose = (out_proj is not None and b * nq > d and type(out_proj) is nn.Linear
+                       and not out_proj._forward_hooks and not out_proj._forward_pre_hooks)
             if compose:
                 assert self.out_proj is not None
                 bias = F.linear(bias, self.out_proj.weight, self.out_proj.bias) if bias is not None \
