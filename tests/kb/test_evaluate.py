@@ -16,6 +16,7 @@ from attnpool.kb.evaluate import (
     split_queries,
     write_results,
 )
+from attnpool.kb.knowledge_base import DEFAULT_TEMPERATURE
 from tests.kb._fake import HashEncoder
 from tests.kb.test_knowledge_base import WORDS
 
@@ -113,7 +114,7 @@ def test_no_fit_uses_the_stores_settings_and_heads(tmp_path):
     beir = make_beir(tmp_path)
     kb = KnowledgeBase(tmp_path / "kb", HashEncoder(dim=16), max_tokens=64, overlap=8)
     plain = evaluate_beir(beir, kb, fit=False, progress=False)
-    assert "learned" not in plain.metrics and plain.temperature == 0.1 and not plain.tuning_curve
+    assert "learned" not in plain.metrics and plain.temperature == DEFAULT_TEMPERATURE and not plain.tuning_curve
     kb.save_settings(attention_temperature=0.05, fusion_weight=0.3)
     again = evaluate_beir(beir, kb, fit=False, methods=["attention", "hybrid-score"], progress=False)
     assert (again.temperature, again.fusion_weight) == (0.05, 0.3) and not again.fitted

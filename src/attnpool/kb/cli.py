@@ -254,7 +254,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--kind", choices=("lead", "cloze"), default="lead",
                    help="pseudo-queries: each document's first prose sentence (lead) or a random one (cloze, the "
                         "inverse cloze task); default: %(default)s")
-    p.add_argument("--max-queries", type=int, default=1000, help="pseudo-queries to make (default: %(default)s)")
+    p.add_argument("--max-queries", type=int, default=500, help="pseudo-queries to make (default: %(default)s)")
     p.add_argument("--heads", nargs="*", choices=("learned", "multi"), default=[],
                    help="heads to train as well (default: none; they overfit pseudo-queries, see experiments/)")
     p.add_argument("--head-steps", type=int, default=100, help="training steps per head (default: %(default)s)")

@@ -20,9 +20,12 @@ from attnpool.text.chunking import chunk_text
 
 __all__ = ["ChunkHit", "Hit", "IndexReport", "KnowledgeBase"]
 
-DEFAULT_TEMPERATURE = 0.1
-DEFAULT_FIRST_BIAS = 0.0
-DEFAULT_FUSION_WEIGHT = 0.5
+# The zero-shot settings of a knowledge base that was never tuned: the grid point with the best mean nDCG@10 over the
+# tune halves of the two development sets (gcloud-man, pydoc-stdlib; experiments/README.md), checked on their test
+# halves and on a third set made afterwards (man pages), which nothing was chosen on.
+DEFAULT_TEMPERATURE = 0.3
+DEFAULT_FIRST_BIAS = 3.0
+DEFAULT_FUSION_WEIGHT = 0.2
 SETTINGS_FILE = "settings.json"
 
 
@@ -309,9 +312,11 @@ class KnowledgeBase:
         return signals[method]
 
     def signals(self, queries: Tensor, method: str, *, texts: Sequence[str] | None = None,
-                temperature: float | None = None, first_bias: float | None = None) -> dict[str, Tensor]:
+                temperature: float | None = None, first_bias: float | None = None,
+                lexical_chunk_scores: Tensor | None = None) -> dict[str, Tensor]:
         """The ``[Q, B]`` document scores that ``method`` reads: its own, or for a hybrid ``bm25`` and
-        ``attention``."""
+        ``attention``. ``lexical_chunk_scores`` (``[Q, N]``, from :meth:`lexical_chunk_scores`) saves querying the
+        full-text index again."""
         if method not in M.METHODS:
             raise ValueError(f"method: expected one of {', '.join(M.METHODS)}, got {method!r}")
         chunks = self.chunk_matrix()
@@ -333,7 +338,9 @@ class KnowledgeBase:
             if method in M.LEXICAL_METHODS:
                 from attnpool.kb.lexical import document_scores
 
-                out = {"bm25": document_scores(self.lexical_chunk_scores(list(texts or ())), chunks.offsets)}
+                if lexical_chunk_scores is None:
+                    lexical_chunk_scores = self.lexical_chunk_scores(list(texts or ()))
+                out = {"bm25": document_scores(lexical_chunk_scores, chunks.offsets)}
                 if method != "bm25":
                     out["attention"] = M.attention_scores(chunks, queries, t, first_bias=beta)
                 return out
@@ -351,16 +358,22 @@ class KnowledgeBase:
         With ``explain``, each hit carries its chunks' attention weights (``softmax(s / T)`` over the document's
         chunks, the weights the ``attention`` method pooled with) and the text of its ``top_chunks`` best chunks.
         """
+        if k < 1:
+            raise ValueError(f"k: expected an integer >= 1, got {k}")
+        lexical_future = None
         if isinstance(query, str):
             if not query.strip():
                 raise ValueError("query: expected a non-empty question, got an empty string")
+            if method in M.LEXICAL_METHODS:
+                # the full-text query runs in LanceDB's native code, without the GIL: overlap it with the encoder
+                self.lexical()
+                lexical_future = _lexical_pool().submit(self.lexical_chunk_scores, [query])
             qv = self.encode_queries([query])[0]
         else:
             qv = query
-        if k < 1:
-            raise ValueError(f"k: expected an integer >= 1, got {k}")
         texts = [query] if isinstance(query, str) else None
-        signals = self.signals(qv[None], method, texts=texts, temperature=temperature)
+        signals = self.signals(qv[None], method, texts=texts, temperature=temperature,
+                               lexical_chunk_scores=None if lexical_future is None else lexical_future.result())
         scores = self.fuse(signals, method)[0]
         k = min(k, scores.numel())
         top = torch.topk(scores, k)
@@ -370,8 +383,7 @@ class KnowledgeBase:
         beta = self.first_bias()
         hits = []
         texts_of = self.store().chunk_texts_of([stored.doc_ids[d] for d in top.indices.tolist()]) if explain else {}
-        lexical = (self.lexical_chunk_scores([query])[0] if explain and isinstance(query, str)
-                   and method in M.LEXICAL_METHODS else None)
+        lexical = lexical_future.result()[0] if explain and lexical_future is not None else None
         ranks = {name: _ranks(s[0]) for name, s in signals.items()} if explain and len(signals) > 1 else {}
         for s, d in zip(top.values.tolist(), top.indices.tolist()):
             hit = Hit(stored.doc_ids[d], float(s), stored.titles[d])
@@ -391,6 +403,19 @@ class KnowledgeBase:
                                for name, r in ranks.items()}
             hits.append(hit)
         return hits
+
+
+_LEXICAL_POOL: Any = None
+
+
+def _lexical_pool() -> Any:
+    """One worker thread shared by every knowledge base, for the full-text query of :meth:`KnowledgeBase.search`."""
+    global _LEXICAL_POOL
+    if _LEXICAL_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _LEXICAL_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnpool-fts")
+    return _LEXICAL_POOL
 
 
 def _ranks(scores: Tensor) -> Tensor:

@@ -43,6 +43,7 @@ __all__ = ["KINDS", "PseudoQueries", "TuneReport", "make_pseudo_queries", "tune"
 KINDS = ("lead", "cloze")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]+")
+_CODE = re.compile(r"[\[\]{}|<>=$`]| --|\w\(|^\w+\.\w+")  # synopses, flags, calls, dotted names: not prose
 _HEADING = re.compile(r"^(?:[A-Z][A-Z0-9_ -]{2,}\s+)+")  # "DESCRIPTION ", "NAME ": section titles of man pages
 
 
@@ -57,7 +58,7 @@ def _candidate_sentences(text: str, min_words: int, max_words: int) -> list[tupl
         if not (min_words <= len(words) <= max_words):
             continue
         alpha = len(_WORD.findall(s))
-        if alpha < 0.7 * len(words) or s.startswith(("$", "--", "-", ">>>")):
+        if alpha < 0.7 * len(words) or s.startswith(("$", "--", "-", ">>>")) or _CODE.search(s):
             continue
         out.append((s, raw.strip()))
     return out
@@ -72,7 +73,7 @@ class PseudoQueries:
     kind: str = "lead"
 
 
-def make_pseudo_queries(kb: KnowledgeBase, *, kind: str = "lead", max_queries: int = 1000, min_words: int = 5,
+def make_pseudo_queries(kb: KnowledgeBase, *, kind: str = "lead", max_queries: int = 500, min_words: int = 5,
                         max_words: int = 30, seed: int = 0) -> PseudoQueries:
     """One pseudo-query (a ``lead`` or ``cloze`` sentence, see the module) for each of up to ``max_queries``
     documents, drawn in a seeded order."""
@@ -143,7 +144,7 @@ class TuneReport:
                 f"beta = {self.first_bias}, w = {self.fusion_weight}{heads}; {self.seconds:.0f} s")
 
 
-def tune(kb: KnowledgeBase, *, kind: str = "lead", max_queries: int = 1000, heads: tuple[str, ...] = (),
+def tune(kb: KnowledgeBase, *, kind: str = "lead", max_queries: int = 500, heads: tuple[str, ...] = (),
          head_steps: int = 100, max_fusion_weight: float = 0.7, seed: int = 0, save: bool = True,
          progress: bool = True) -> TuneReport:
     """Learn ``T``, ``beta``, ``w`` (and ``heads``) from pseudo-queries; save them beside the index."""
