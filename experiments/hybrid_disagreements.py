@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         weights = M.attention_weights(chunks.vectors[a:b], qv[i], kb.temperature(), kb.first_bias())
         best = int(weights.argmax()) if b > a else 0
         rows = kb.store().chunk_texts(kb.doc_ids[g])
-        snippet = " ".join(rows[best]["text"].split())[:300] if rows else ""
+        # a code span, so that Markdown renderers take "[--flag=VALUE]" in a man page for text, not for a link
+        snippet = " ".join(rows[best]["text"].split())[:300].replace("`", "'") if rows else ""
         lines += [f"### {j + 1}. “{texts[i]}”", "",
                   f"Relevant document: `{kb.doc_ids[g]}`.", "",
                   "| method | top document | rank of the relevant one |", "|---|---|---|"]
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         assert lexical is not None
         lines += ["", "Its chunks, in order: attention weight / BM25: " + ", ".join(
             f"{float(w):.2f} / {float(s):.1f}" for w, s in zip(weights, lexical[j, a:b])), "",
-                  f"Chunk {best} (the heaviest): {snippet}…", ""]
+                  f"Chunk {best} (the heaviest): `{snippet}…`", ""]
     text = "\n".join(lines) + "\n"
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         parsed = split_name(text) if text else None
         if parsed is None:
             continue
-        title, description, body = parsed
+        _title, description, body = parsed
         key = description.lower()
         if len(description.split()) < 3 or key in seen or len(body) < args.min_chars:
             continue
