@@ -355,8 +355,10 @@ class KnowledgeBase:
                temperature: float | None = None, top_chunks: int = 3) -> list[Hit]:
         """The ``k`` best documents for ``query`` (text, or a unit-norm vector ``[D]``).
 
-        With ``explain``, each hit carries its chunks' attention weights (``softmax(s / T)`` over the document's
-        chunks, the weights the ``attention`` method pooled with) and the text of its ``top_chunks`` best chunks.
+        With ``explain``, each hit carries its chunks' attention weights (``softmax(s / T + beta [first])`` over the
+        document's chunks, the weights the ``attention`` method pooled with) and the text of its ``top_chunks`` best
+        chunks; for a method that reads the query's words, also each chunk's BM25 score (and its best chunk's text)
+        and, for a hybrid, the document's score and rank under each fused signal (``Hit.signals``).
         """
         if k < 1:
             raise ValueError(f"k: expected an integer >= 1, got {k}")
