@@ -75,6 +75,8 @@ def test_tune_saves_what_search_then_uses(tmp_path, capsys):
     assert len(fresh.search("topic3 bucket", method="learned", k=2)) == 2
     assert len(fresh.search("topic3 bucket", method="hybrid-score", k=2)) == 2
     assert "cloze pseudo-queries" in str(tune(fresh, kind="cloze", save=False, progress=False))
+    with pytest.raises(ValueError, match="max_fusion_weight: expected a number in"):
+        tune(fresh, max_fusion_weight=1.5, progress=False)
 
 
 def test_tune_refuses_a_corpus_without_prose(tmp_path, capsys):
