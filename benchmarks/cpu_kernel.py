@@ -71,7 +71,8 @@ def timed(fn, reps, cpu_time):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    # a string here: --sweep takes a comma-separated list of thread counts
+    p.add_argument("--threads", default=str(torch.get_num_threads()))
     p.add_argument("--reps", type=int, default=11)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--cpu-time", action="store_true", help="thread CPU time (only meaningful with --threads 1)")
@@ -79,11 +80,13 @@ def main():
     p.add_argument("--sweep", action="store_true", help="forward only: M = 1, 2, 4, 8 at D = 128, 256 vs x.sum()")
     args, rest = p.parse_known_args()
     if args.sweep:
-        sweep(rest, args.reps, args.cpu_time)
+        sweep([*rest, "--threads", args.threads], args.reps, args.cpu_time)
         return
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
-    torch.set_num_threads(args.threads)
+    if not args.threads.isdigit():
+        p.error(f"--threads: expected one thread count without --sweep, got {args.threads!r}")
+    torch.set_num_threads(int(args.threads))
     t = time.perf_counter()
     cpu.build()
     print(f"kernel ready in {time.perf_counter() - t:.1f} s (isa {cpu._isa()}); threads {torch.get_num_threads()}; "

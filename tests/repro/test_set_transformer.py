@@ -206,6 +206,34 @@ def test_max_model_learns():
     assert result["metric"] < 5
 
 
+def test_max_lr_drop(monkeypatch):
+    # the lr each Adam step runs with: 1e-3 up to the drop step, 1e-4 from it; constant without lr_drop_at
+    seen: list[float] = []
+    step = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    cfg = dict(st.MAX_CONFIG, test_sets=10, batch_size=4)
+    st.train_max("rFF + Pooling (max)", 0, 10, dict(cfg, lr_drop_at=0.7), lambda n: None)
+    assert seen == [1e-3] * 7 + [pytest.approx(1e-4)] * 3
+    seen.clear()
+    st.train_max("rFF + Pooling (max)", 0, 10, cfg, lambda n: None)
+    assert seen == [1e-3] * 10
+
+
+def test_cli_max_lr_drop_is_recorded(tmp_path):
+    out = tmp_path / "st"
+    assert st.main(["--quick", "--task", "max", "--repeats", "1", "--max-lr-drop", "0.5", "--out", str(out)]) == 0
+    data = json.loads((out / "max.json").read_text())
+    assert data["config"]["lr_drop_at"] == 0.5 and data["lr_schedule"] == "1e-3, then 1e-4 from step 10"
+    assert "then 1e-4 from step 10" in (out / "max.md").read_text()
+    with pytest.raises(SystemExit):
+        st.main(["--quick", "--max-lr-drop", "1.5"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------------------------

@@ -390,14 +390,23 @@ def _curve(losses: list[float]) -> list[tuple[int, float]]:
             for i in range(0, len(losses), window)]
 
 
+def lr_drop_step(steps: int, fraction: float | None) -> int | None:
+    """The step from which the learning rate is a tenth of its start (None: constant)."""
+    return None if fraction is None else int(fraction * steps)
+
+
 def train_max(name: str, seed: int, steps: int, cfg: dict[str, Any], progress: Progress) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = build_max_model(name, width=cfg["width"], heads=cfg["heads"])
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    drop_at = lr_drop_step(steps, cfg.get("lr_drop_at"))
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     start = time.perf_counter()
     for step in range(steps):
+        if step == drop_at:
+            for group in opt.param_groups:
+                group["lr"] = cfg["lr"] * 0.1
         x, mask, target = sample_max_sets(cfg["batch_size"], gen, max_size=cfg["max_size"], high=cfg["high"])
         loss = F.l1_loss(model(x, mask), target)
         opt.zero_grad(set_to_none=True)
@@ -430,7 +439,7 @@ def train_clustering(name: str, seed: int, steps: int, cfg: dict[str, Any], prog
     torch.manual_seed(seed)
     model = build_clustering_model(name, width=cfg["width"], heads=cfg["heads"], components=cfg["components"])
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    drop_at = int(LR_DROP_AT * steps)
+    drop_at = lr_drop_step(steps, LR_DROP_AT)
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     start = time.perf_counter()
@@ -658,7 +667,8 @@ def markdown(summary: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"Steps: {summary['steps']} per run (paper: {summary['paper_steps']}); repeats: "
                  f"{summary['repeats']} (seeds {', '.join(map(str, summary['seeds']))}); test set: "
-                 f"{summary['test_size']} {'sets' if task == 'max' else 'datasets'}, seed {TEST_SEED}.")
+                 f"{summary['test_size']} {'sets' if task == 'max' else 'datasets'}, seed {TEST_SEED}; "
+                 f"learning rate: {summary.get('lr_schedule', '1e-3, constant')}.")
     return "\n".join(lines) + "\n"
 
 
@@ -761,6 +771,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max regression: training steps per run (default: %(default)s; the paper: 20000)")
     p.add_argument("--clustering-steps", type=_positive_int, default=DEFAULT_CLUSTERING_STEPS,
                    help="clustering: training steps per run (default: %(default)s; the paper: 50000)")
+    p.add_argument("--max-lr-drop", type=_fraction, default=None, metavar="FRACTION",
+                   help="max regression: lr 1e-3 -> 1e-4 from this fraction of the steps on (default: constant "
+                        "1e-3, as in the paper)")
     p.add_argument("--repeats", type=_positive_int, default=None,
                    help=f"runs per model, seeds --seed .. --seed + repeats - 1 (default: {DEFAULT_REPEATS}, 2 with "
                         "--quick)")
@@ -779,6 +792,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text}")
     return value
 
 
@@ -804,6 +824,9 @@ def main(argv: list[str] | None = None) -> int:
             cfgs[t].update(q)
     if args.steps is not None:
         steps = {t: args.steps for t in steps}
+    if args.max_lr_drop is not None:
+        # only when given: the runs of a constant lr keep their keys in runs.jsonl (--resume)
+        cfgs["max"]["lr_drop_at"] = args.max_lr_drop
     models = {"max": MAX_MODELS, "clustering": CLUSTERING_MODELS}
     units = [Unit(t, m, s, steps[t], cfgs[t]) for t in tasks for m in models[t] for s in seeds]
 
@@ -855,7 +878,11 @@ def main(argv: list[str] | None = None) -> int:
             oracle = test.oracle_log_likelihood()
             extra["oracle"] = oracle.mean().item()
             extra["paper_oracle"] = PAPER_ORACLE
-            extra["lr_schedule"] = f"1e-3, then 1e-4 from step {int(LR_DROP_AT * steps[t])}"
+            extra["lr_schedule"] = f"1e-3, then 1e-4 from step {lr_drop_step(steps[t], LR_DROP_AT)}"
+        elif "lr_drop_at" in cfgs[t]:
+            extra["lr_schedule"] = f"1e-3, then 1e-4 from step {lr_drop_step(steps[t], cfgs[t]['lr_drop_at'])}"
+        else:
+            extra["lr_schedule"] = "1e-3, constant"
         summary = summarize(t, res, models[t], extra)
         text = markdown(summary)
         print(text)
