@@ -29,6 +29,10 @@ constexpr int kPrefetch = 1024;
 // From this many queries on, the forward computes its logits on row tiles and prefetches its next block; with fewer,
 // x streamed one row at a time is as fast and the prefetch only costs (cpu_kernel_notes.md, 2026-11-25 afternoon).
 constexpr int64_t kTiledFromQueries = 3;
+// With fewer queries and rows of at most this many bytes, the forward's one-row logits loop prefetches (into the L2)
+// the same bytes of the row one block on: on a Zen 3 VM the hardware prefetcher left the loop waiting on memory
+// (M = 1, D = 64 / 128: -10..15% time); with 1 KB rows it was slower (+10%). cpu_kernel_notes.md, 2026-12-02.
+constexpr int64_t kPrefetchNextBlockMaxRowBytes = 512;
 
 template <class A> struct VecT { typedef A type __attribute__((vector_size(kVB))); };
 template <class A> using Vec = typename VecT<A>::type;
@@ -88,16 +92,21 @@ static AP_INLINE void dots_tile(const A* const* x, const A* const* v, int64_t D,
     }
 }
 
-// out[k*ld] = x . v_k for k < KB, one row, U vectors of D at a time (~8 independent accumulators).
-template <class A, int KB, int U>
+// out[k*ld] = x . v_k for k < KB, one row, U vectors of D at a time (~8 independent accumulators). With PN, the
+// row kBlockRows rows on is prefetched as this one is read (rows assumed contiguous: a prefetch never faults, so a
+// wrong guess costs a load slot and nothing else).
+template <class A, int KB, int U, bool PN = false>
 static AP_INLINE void dots_row(const A* __restrict x, const A* const* v, int64_t D, A* out, int64_t ld) {
   constexpr int L = lanes<A>();
   Vec<A> acc[KB][U];
   for (int k = 0; k < KB; ++k)
     for (int u = 0; u < U; ++u) acc[k][u] = Vec<A>{};
+  const char* next = (const char*)(x + kBlockRows * D);
   int64_t d = 0;
   for (; d + U * L <= D; d += U * L) {
     if (KB >= 3) __builtin_prefetch((const char*)(x + d) + kPrefetch);
+    if (PN)
+      for (int j = 0; j < U * L * (int)sizeof(A); j += 64) __builtin_prefetch(next + d * sizeof(A) + j, 0, 1);
     Vec<A> xv[U];
     for (int u = 0; u < U; ++u) xv[u] = vload(x + d + u * L);
     for (int k = 0; k < KB; ++k)
@@ -125,10 +134,18 @@ static AP_INLINE void dots_tiles(const A* const* x, int64_t rb, const A* const* 
 }
 
 // out[k*ld + r] = x_r . v_k for r < rb, k < K, four queries at a time: on row tiles when `tiled` (the rows must then
-// be in the cache already: see the header), else one row at a time.
+// be in the cache already: see the header), else one row at a time, prefetching the next block when `prefetch_next`
+// (K <= 2 only).
 template <class A>
 static inline void dots(const A* const* x, int64_t rb, const A* const* v, int64_t K, int64_t D, A* out, int64_t ld,
-                        bool tiled) {
+                        bool tiled, bool prefetch_next = false) {
+  if (prefetch_next && K <= 2) {
+    for (int64_t r = 0; r < rb; ++r) {
+      if (K == 2) dots_row<A, 2, 4, true>(x[r], v, D, out + r, ld);
+      else dots_row<A, 1, 4, true>(x[r], v, D, out + r, ld);
+    }
+    return;
+  }
   for (int64_t k = 0; k < K; k += 4) {
     const int64_t kb = std::min<int64_t>(4, K - k);
     A* o = out + k * ld;
@@ -442,11 +459,13 @@ template <class A> struct Fwd {
     A* lg = blk.logits;
     const bool tiled = M >= kTiledFromQueries;
     const int64_t es = elem_size(kind, sizeof(A));
+    // half types: the loop reads the widened copy, not x
+    const bool prefetch_next = !tiled && kind == kSame && D * es <= kPrefetchNextBlockMaxRowBytes;
     const char* xb = static_cast<const char*>(x);
     for (int64_t i0 = rs; i0 < re; i0 += kBlockRows) {
       const int64_t rb = std::min(kBlockRows, re - i0);
       blk.load(kind, x, ldx, i0, rb, D);
-      dots(blk.rowp, rb, qp, M, D, lg, kBlockRows, tiled);
+      dots(blk.rowp, rb, qp, M, D, lg, kBlockRows, tiled, prefetch_next);
       for (int64_t m = 0; m < M; ++m) {
         A* l = lg + m * kBlockRows;
         A bmax = -INFINITY;
