@@ -400,6 +400,7 @@ def environment(args: argparse.Namespace, kernels: list[str]) -> dict[str, Any]:
         "kernels_run": kernels,
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "load_average_at_start": os.getloadavg()[0],
+        "malloc": getattr(args, "malloc", "glibc default"),
         "note": args.note,
     }
 
@@ -656,6 +657,7 @@ def markdown(results: dict[str, Any]) -> str:
                  + (" — **other work shared the cores: these timings are noisy**"
                     if max(env["load_average_at_start"], env["load_average_at_end"]) > 0.5 * (env["cores"] or 1)
                     else ""))
+    lines.append(f"- allocator: {env.get('malloc', 'glibc default')}")
     if env.get("note"):
         lines.append(f"- note: {env['note']}")
     if results.get("partial"):
@@ -809,13 +811,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="check every row's output and input gradient against the truth, time nothing")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--note", default="", help="a line for the report, e.g. 'machine shared: noisy'")
+    p.add_argument("--malloc-reuse", action="store_true",
+                   help="glibc's malloc keeps freed blocks for reuse (mallopt), for every row and floor alike: no "
+                        "fresh zeroed pages per call (see benchmarks/cpu_allocator.py); the report's name ends in "
+                        "-malloc-reuse")
     args = p.parse_args(argv)
+    args.malloc = "glibc default"
+    if args.malloc_reuse:
+        from cpu_allocator import malloc_reuse
+
+        args.malloc = malloc_reuse()
 
     args.out.mkdir(parents=True, exist_ok=True)
 
     def write(results: dict[str, Any]) -> Path:
         stem = f"{results['environment']['date'][:10]}-{machine_slug(results['environment'])}" + (
-            "-quick" if args.quick else "")
+            "-quick" if args.quick else "") + ("-malloc-reuse" if args.malloc_reuse else "")
         base = args.out / stem
         # each file replaced whole (a killed run leaves the last complete report, never half a file)
         for suffix, text in ((".json", json.dumps(results, indent=1, default=str) + "\n"), (".md", markdown(results))):
