@@ -30,9 +30,9 @@ constexpr int kPrefetch = 1024;
 // x streamed one row at a time is as fast and the prefetch only costs (cpu_kernel_notes.md, 2026-11-25 afternoon).
 constexpr int64_t kTiledFromQueries = 3;
 // With fewer queries and rows of at most this many bytes, the forward's one-row logits loop prefetches (into the L2)
-// the same bytes of the row one block on: on a Zen 3 VM the hardware prefetcher left the loop waiting on memory
-// (M = 1, D = 64 / 128: -10..15% time); with 1 KB rows it was slower (+10%). cpu_kernel_notes.md, 2026-12-02.
-constexpr int64_t kPrefetchNextBlockMaxRowBytes = 512;
+// the same bytes of the row one block on. On a Zen 3 VM, 2 threads: float32 D = 64 -8..16% time; D = 128 between
+// -9% and +9% over repeated A/B runs (noise), D = 256 up to +10%. cpu_kernel_notes.md, 2026-12-02.
+constexpr int64_t kPrefetchNextBlockMaxRowBytes = 256;
 
 template <class A> struct VecT { typedef A type __attribute__((vector_size(kVB))); };
 template <class A> using Vec = typename VecT<A>::type;
