@@ -400,7 +400,7 @@ def environment(args: argparse.Namespace, kernels: list[str]) -> dict[str, Any]:
         "kernels_run": kernels,
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "load_average_at_start": os.getloadavg()[0],
-        "malloc": getattr(args, "malloc", "glibc default"),
+        "malloc": getattr(args, "malloc_note", "glibc default"),
         "note": args.note,
     }
 
@@ -811,22 +811,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="check every row's output and input gradient against the truth, time nothing")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--note", default="", help="a line for the report, e.g. 'machine shared: noisy'")
-    p.add_argument("--malloc-reuse", action="store_true",
-                   help="glibc's malloc keeps freed blocks for reuse (mallopt), for every row and floor alike: no "
-                        "fresh zeroed pages per call (see benchmarks/cpu_allocator.py); the report's name ends in "
-                        "-malloc-reuse")
+    p.add_argument("--malloc", choices=["reuse", "default"], default="reuse",
+                   help="reuse (default): glibc's malloc keeps freed blocks (mallopt), for every row and floor alike, "
+                        "so that no call pays for fresh zeroed pages, which are not memory bandwidth (on the Zen 3 "
+                        "VM they made the forward+backward floor 36-101 ms instead of 8.5; benchmarks/"
+                        "cpu_allocator.py). default: glibc's own settings; the report's name ends in -malloc-default")
     args = p.parse_args(argv)
-    args.malloc = "glibc default"
-    if args.malloc_reuse:
+    args.malloc_note = "glibc default"
+    if args.malloc == "reuse":
         from cpu_allocator import malloc_reuse
 
-        args.malloc = malloc_reuse()
+        try:
+            args.malloc_note = malloc_reuse()
+        except OSError as e:
+            args.malloc_note = f"the C library's default ({e})"
 
     args.out.mkdir(parents=True, exist_ok=True)
 
     def write(results: dict[str, Any]) -> Path:
         stem = f"{results['environment']['date'][:10]}-{machine_slug(results['environment'])}" + (
-            "-quick" if args.quick else "") + ("-malloc-reuse" if args.malloc_reuse else "")
+            "-quick" if args.quick else "") + ("-malloc-default" if args.malloc == "default" else "")
         base = args.out / stem
         # each file replaced whole (a killed run leaves the last complete report, never half a file)
         for suffix, text in ((".json", json.dumps(results, indent=1, default=str) + "\n"), (".md", markdown(results))):
