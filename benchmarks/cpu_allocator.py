@@ -116,5 +116,6 @@ def main() -> None:
         fwd_bwd = r["attnpool gate, forward+backward"] / r["floor x.sum().backward()"]
         print(f"{mode}: forward / floor {fwd:.2f}, forward+backward / floor {fwd_bwd:.2f}")
 
+
 if __name__ == "__main__":
     main()

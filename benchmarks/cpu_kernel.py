@@ -1,7 +1,7 @@
 """Benchmark of the fused CPU kernel against its alternatives and the memory floor (see benchmarks/cpu_kernel_notes.md).
 
     python benchmarks/cpu_kernel.py [--threads 2] [--reps 11] [--no-compile] [--cpu-time]
-    python benchmarks/cpu_kernel.py --sweep [--threads 1,2] [--reps 21] [--cpu-time] [--baseline GIT_REV]
+    python benchmarks/cpu_kernel.py --sweep [--threads 1,2] [--reps 21] [--cpu-time] [--baseline GIT_REV] [--backward]
 
 The default mode compares the variants below on four cases. ``--sweep`` times only the fused forward against the
 floor, for M = 1, 2, 4, 8 queries at D = 128 and 256 (B = 256 sets of 1..1024 rows: 67 / 134 MB, beyond the L3), at
@@ -11,6 +11,9 @@ reached (2 M D per row), and for scale the rate of an in-cache float32 matmul (t
 same threads, a practical ceiling for the FMA units. With --cpu-time the 1-thread rows are timed in thread CPU time
 (robust to other jobs taking the core; the 2-thread rows stay wall time). --baseline REV builds the kernel sources
 of a git revision beside the current ones and alternates their calls, for before/after figures from one process.
+--backward times the backward instead (dx and dq for a fixed output gradient; 5 M D multiply-adds per row: the 2 M
+products x.g_m and x.q_m, dx as a combination of those 2 M vectors, dq), against a floor of one read of x and one
+write of dx.
 
 Variants, each checked against the reference before it is timed:
   reference  attnpool.kernels.reference (torch ops; N x M x D temporaries)
@@ -165,8 +168,9 @@ def baseline_library(rev):
                        check=True)
     subprocess.run([*cxx, *cpu._LDFLAGS, *objects, "-o", str(tmp / "lib.so")], check=True)
     lib = ctypes.CDLL(str(tmp / "lib.so"))
-    lib.ap_forward.argtypes = cpu.build().ap_forward.argtypes
-    lib.ap_forward.restype = ctypes.c_int
+    for name in ("ap_forward", "ap_backward"):
+        getattr(lib, name).argtypes = getattr(cpu.build(), name).argtypes
+        getattr(lib, name).restype = ctypes.c_int
     return lib
 
 
@@ -183,12 +187,34 @@ def forward_call(lib, x, offsets, q, scale, threads):
     return run
 
 
+def backward_call(lib, x, offsets, q, scale, threads):
+    """One backward of ``lib`` (float32, shared query; dx and dq) through its C entry point, for a fixed output
+    gradient and the forward's out and lse."""
+    b, m, d = offsets.shape[0] - 1, q.shape[1], x.shape[1]
+    out, lse = forward_call(lib, x, offsets, q, scale, threads)()
+    out, lse = out.clone(), lse.clone()
+    gout = torch.randn(b, m, d, generator=torch.Generator().manual_seed(1))
+    dx, dq = torch.empty_like(x), torch.empty(1, m, d)
+
+    def run():
+        dq.zero_()
+        status = lib.ap_backward(0, x.data_ptr(), d, x.shape[0], d, offsets.data_ptr(), b, q.data_ptr(), 1, m, scale,
+                                 out.data_ptr(), lse.data_ptr(), gout.data_ptr(), None, dx.data_ptr(),
+                                 dq.data_ptr(), threads)
+        assert status == 0, status
+        return dx, dq
+    return run
+
+
 def sweep(argv, reps, cpu_time):
     p = argparse.ArgumentParser(prog="cpu_kernel.py --sweep")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     p.add_argument("--ms", default="1,2,4,8")
     p.add_argument("--dims", default="128,256")
     p.add_argument("--baseline", metavar="REV", help="also time the kernel of this git revision, calls alternating")
+    p.add_argument("--backward", action="store_true",
+                   help="time the backward (dx and dq, through its C entry point) instead of the forward; the floor "
+                        "is then x.sum() plus a write of dx (torch.mul(x, 1, out=dx)): one read and one write")
     args = p.parse_args(argv)
     reps = max(reps, 5)
     libs = {"kernel": cpu.build()}
@@ -201,7 +227,8 @@ def sweep(argv, reps, cpu_time):
     ms = [int(v) for v in args.ms.split(",")]
     print(f"isa {cpu._isa()}; B=256 sets, lengths uniform in 1..1024, N={n}; median of {reps} paired rounds, ms, "
           f"{'thread CPU time with 1 thread, ' if cpu_time else ''}wall time otherwise; x/floor is the median of "
-          f"the per-round ratios; GFMA/s = 2 M D N / time; the kernel is called through its C entry point")
+          f"the per-round ratios; GFMA/s = {'5' if args.backward else '2'} M D N / time; the kernel is called "
+          f"through its C entry point")
     for d in [int(v) for v in args.dims.split(",")]:
         x = torch.randn(n, d, generator=g)
         qs = {m: torch.randn(1, m, d, generator=g) for m in ms}
@@ -209,14 +236,28 @@ def sweep(argv, reps, cpu_time):
             torch.set_num_threads(threads)
             a, b = torch.randn(256, 256), torch.randn(256, 256)
             mm = timed(lambda a=a, b=b: torch.mm(a, b), 50, False)
-            fns = {"floor": lambda x=x: x.sum()}
+            if args.backward:
+                sink = torch.empty_like(x)
+                fns = {"floor": lambda x=x, sink=sink: (x.sum(), torch.mul(x, 1, out=sink))}
+            else:
+                fns = {"floor": lambda x=x: x.sum()}
             for m in ms:
                 want = reference.segment_attention_pool(x, offsets, qs[m], d**-0.5)
+                if args.backward:
+                    xr, qr = x.clone().requires_grad_(), qs[m].clone().requires_grad_()
+                    o, _ = reference.segment_attention_pool(xr, offsets, qr, d**-0.5)
+                    o.backward(torch.randn(o.shape, generator=torch.Generator().manual_seed(1)))
                 for name, lib in libs.items():
-                    fn = forward_call(lib, x, offsets, qs[m], d**-0.5, threads)
-                    got = fn()  # correctness first
-                    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
-                    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
+                    if args.backward:
+                        fn = backward_call(lib, x, offsets, qs[m], d**-0.5, threads)
+                        dx, dq = fn()  # correctness first
+                        torch.testing.assert_close(dx, xr.grad, rtol=1e-4, atol=1e-5)
+                        torch.testing.assert_close(dq, qr.grad, rtol=1e-4, atol=1e-4)
+                    else:
+                        fn = forward_call(lib, x, offsets, qs[m], d**-0.5, threads)
+                        got = fn()  # correctness first
+                        torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+                        torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
                     fns[f"M={m} {name}"] = fn
             ts: dict[str, list[float]] = {k: [] for k in fns}
             clock = time.thread_time if cpu_time and threads == 1 else time.perf_counter
@@ -226,15 +267,18 @@ def sweep(argv, reps, cpu_time):
                     fn()
                     ts[k].append(clock() - t)
             floor = statistics.median(ts["floor"])
-            print(f"D={d} ({x.numel() * 4 / 1e6:.0f} MB), {threads} thread(s): floor x.sum() {floor * 1e3:.2f} ms "
-                  f"({x.numel() * 4 / floor / 1e9:.1f} GB/s); in-cache torch.mm {256**3 / mm / 1e6:.0f} GFMA/s")
+            what = "backward; floor x.sum() + write of dx" if args.backward else "floor x.sum()"
+            moved = (2 if args.backward else 1) * x.numel() * 4
+            print(f"D={d} ({x.numel() * 4 / 1e6:.0f} MB), {threads} thread(s): {what} {floor * 1e3:.2f} ms "
+                  f"({moved / floor / 1e9:.1f} GB/s); in-cache torch.mm {256**3 / mm / 1e6:.0f} GFMA/s")
             for m in ms:
                 line = f"  M={m}:"
                 for name in libs:
                     k = f"M={m} {name}"
                     med = statistics.median(ts[k])
                     ratio = statistics.median(t / f for t, f in zip(ts[k], ts["floor"]))
-                    line += f"  {name} {med * 1e3:7.2f} ms {ratio:5.2f}x floor {2 * m * d * n / med / 1e9:5.1f} GFMA/s"
+                    fma = (5 if args.backward else 2) * m * d * n
+                    line += f"  {name} {med * 1e3:7.2f} ms {ratio:5.2f}x floor {fma / med / 1e9:5.1f} GFMA/s"
                 if args.baseline:
                     k0, k1 = f"M={m} kernel", f"M={m} {args.baseline}"
                     line += f"  | kernel / {args.baseline}: " \

@@ -12,6 +12,13 @@ Padded input with many queries (self-attention: SAB, ISAB) goes instead to PyTor
 The dispatcher picks the fastest available backend for the input's device. One switch overrides it: the
 ``ATTNPOOL_KERNEL`` environment variable, or :func:`use_kernel` (a context manager) /
 :func:`set_kernel`, with one of the names above or ``"auto"``.
+
+On the CPU, with glibc's default malloc, a backward over a large packed batch can spend more time faulting in the
+fresh zeroed pages of its ``[N, D]`` input gradient than computing it (on a 2-core VM: 16.5k page faults and 48 ms
+of system time per 64 MiB gradient, against 8.8 ms for one read and one write of it; ``benchmarks/cpu_allocator.py``
+measures it). That is a property of the process's allocator, not of the kernel: an allocator that keeps freed
+blocks (jemalloc or tcmalloc through ``LD_PRELOAD``, or glibc's ``mallopt`` thresholds as ``benchmarks/run.py``
+sets them) removes it for every op alike.
 """
 
 from __future__ import annotations
