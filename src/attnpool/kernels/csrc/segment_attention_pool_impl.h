@@ -33,6 +33,10 @@ constexpr int64_t kTiledFromQueries = 3;
 // the same bytes of the row one block on. On a Zen 3 VM, 2 threads: float32 D = 64 -8..16% time; D = 128 between
 // -9% and +9% over repeated A/B runs (noise), D = 256 up to +10%. cpu_kernel_notes.md, 2026-12-02.
 constexpr int64_t kPrefetchNextBlockMaxRowBytes = 256;
+// From this many products per row (2 M: x.g_m and x.q_m) on, the backward computes them on row tiles and prefetches
+// its next block while it writes dx. Zen 3 VM, A/B through the C entry point: M = 4 0.90-0.95x the time; M = 2
+// (4 products) 1.02-1.08x, so not there. cpu_kernel_notes.md, 2026-12-02.
+constexpr int64_t kTiledBackwardFrom = 8;
 
 template <class A> struct VecT { typedef A type __attribute__((vector_size(kVB))); };
 template <class A> using Vec = typename VecT<A>::type;
@@ -612,7 +616,7 @@ static int forward(int kind, const void* x, int64_t ldx, int64_t N, int64_t D, c
 //   dx_i = sum_m a_im g_m + scale ds_im q_m,      dq_m = scale sum_i ds_im x_i.
 
 template <class A> struct Bwd {
-  int kind; const void* x; int64_t ldx, D;
+  int kind; const void* x; int64_t ldx, N, D;
   const A* q; int64_t G, M; A scale;
   const A* gout; void* dx;  // dx: [N, D] contiguous, in x's element type
 
@@ -632,10 +636,20 @@ template <class A> struct Bwd {
     A* ea = cf + kBlockRows * M;      // [M][kBlockRows]: a
     A* cx = cf + 2 * kBlockRows * M;  // [2M][kBlockRows]: a then scale * ds, the coefficients of dx
     constexpr int64_t ld = kBlockRows;
+    // As the forward with several queries: the products on row tiles, the next block prefetched while dx is written
+    const bool tiled = K >= kTiledBackwardFrom;
+    const int64_t es = elem_size(kind, sizeof(A));
+    const char* xb = static_cast<const char*>(x);
     for (int64_t i0 = rs; i0 < re; i0 += kBlockRows) {
       const int64_t rb = std::min(kBlockRows, re - i0);
       blk.load(kind, x, ldx, i0, rb, D);
-      dots(blk.rowp, rb, vp, K, D, t, ld, false);
+      dots(blk.rowp, rb, vp, K, D, t, ld, tiled);
+      PrefetchCursor pc;
+      if (tiled) {
+        pc.cur = xb + std::min(i0 + kBlockRows, N) * ldx * es;
+        pc.end = xb + std::min(i0 + 2 * kBlockRows, N) * ldx * es;
+        pc.per = ((pc.end - pc.cur) / 64 + rb - 1) / rb;
+      }
       for (int64_t m = 0; m < M; ++m) {
         const A l = lse_b[m];
         for (int64_t r = 0; r < ld; ++r)
@@ -652,6 +666,7 @@ template <class A> struct Bwd {
         }
       if (dx) {
         for (int64_t r = 0; r < rb; ++r) {
+          pc.step();
           if (kind == kSame) {
             combine(static_cast<A*>(dx) + (i0 + r) * D, vp, cx + r, ld, K, D);
           } else {
@@ -659,6 +674,10 @@ template <class A> struct Bwd {
             narrow(kind, dxbuf, static_cast<uint16_t*>(dx) + (i0 + r) * D, D);
           }
         }
+      }
+      if (!dx) {  // no dx to spread it over: the whole next block now
+        pc.per = (pc.end - pc.cur) / 64 + 1;
+        pc.step();
       }
       if (dq_acc) accum(dq_acc, blk.rowp, rb, dsq, ld, M, D);
     }
@@ -670,7 +689,7 @@ static int backward(int kind, const void* x, int64_t ldx, int64_t N, int64_t D, 
                     const A* q, int64_t G, int64_t M, A scale, const A* out, const A* lse, const A* gout,
                     const A* glse, void* dx, A* dq, int64_t P, int nthreads) {
   const Split sp{off, B, N, P};
-  const Bwd<A> f{kind, x, ldx, D, q, G, M, scale, gout, dx};
+  const Bwd<A> f{kind, x, ldx, N, D, q, G, M, scale, gout, dx};
   const int64_t MD = M * D;
   // dq partials: with a shared query every piece sums into its own [M, D] (reduced in piece order below); with
   // per-set queries a whole set writes dq[b] directly and only cut sets use a slot.
