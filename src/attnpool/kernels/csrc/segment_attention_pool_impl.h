@@ -16,7 +16,8 @@
 // computed on tiles of 3 or 4 rows (each load of x serves four queries and each load of a query three rows), and
 // while a block's rows are being added up, the next block is prefetched, so that the tiles read it from the cache
 // (tiles reading from memory ran up to 2.4x slower: interleaved row streams defeat the hardware prefetchers; the
-// software prefetch alone, one row at a time, did not help). See benchmarks/cpu_kernel_notes.md.
+// software prefetch alone, one row at a time, did not help). The backward does the same from 8 products per row (its
+// 2 M dot products x.g_m and x.q_m), prefetching while it writes dx. See benchmarks/cpu_kernel_notes.md.
 
 constexpr int kVB = AP_VBYTES;
 constexpr int64_t kBlockRows = 16;  // also the stride of the per-block [K][kBlockRows] coefficient buffers
