@@ -29,6 +29,26 @@ def test_padded_lengths_stand_for_a_prefix_mask(ragged):
     assert torch.equal(s.mask, ragged.mask)
 
 
+@pytest.mark.parametrize("lengths", [[3, 1, 0, 5, 2], [3, 1, 4], [0], []])
+def test_all_nonempty_is_true_only_when_no_set_is_empty(lengths):
+    """The flag lets modules skip zeroing empty sets' outputs, so a True on a batch with an empty set would leak a
+    bias into it; a padded mask is never read on the host, so there it stays False (unknown)."""
+    d = 3
+    packed = torch.randn(sum(lengths), d)
+    lens = torch.tensor(lengths, dtype=torch.long)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+    truth = all(n > 0 for n in lengths)
+    assert as_sets(packed, offsets=offsets).all_nonempty is truth
+    assert as_sets(packed, lengths=lens).all_nonempty is truth
+    if lengths:
+        assert as_sets(list(torch.split(packed, lengths))).all_nonempty is truth
+    l_max = max(lengths, default=0)
+    padded = torch.zeros(len(lengths), l_max, d)
+    assert as_sets(padded, lengths=lens).all_nonempty is truth
+    assert as_sets(padded, mask=torch.arange(l_max) < lens[:, None]).all_nonempty is False
+    assert as_sets(padded).all_nonempty is (l_max > 0 or not lengths)
+
+
 def test_padded_without_mask_keeps_everything():
     s = as_sets(torch.randn(2, 4, 3))
     assert s.mask is None and s.lengths.tolist() == [4, 4]

@@ -53,6 +53,10 @@ class Sets:
         mask: padded only: ``[B, L]`` bool, True = keep; ``None`` when every position is kept.
         offsets: packed and list only: ``[B+1]`` int64.
         lengths: ``[B]`` int64, the number of kept elements of each set.
+        all_nonempty: True when validation established, with no extra host sync, that no set is empty (a list, an
+            unmasked padded batch, or lengths and offsets read on the host for their checks); False when some set
+            is empty *or it is not known* (a padded mask is never read on the host, nor is anything under
+            ``torch.export``). Modules use it to skip zeroing the outputs of empty sets.
     """
 
     layout: Layout
@@ -60,6 +64,7 @@ class Sets:
     mask: Tensor | None
     offsets: Tensor | None
     lengths: Tensor
+    all_nonempty: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -145,6 +150,18 @@ def _holds(cond: Tensor, what: str) -> bool:
     return bool(cond)
 
 
+def _holds_and_nonempty(cond: Tensor, lengths: Tensor, what: str) -> tuple[bool, bool]:
+    """:func:`_holds` plus whether every one of ``lengths`` is positive, both read in the same host sync. Under
+    ``torch.compile`` and ``torch.export`` the second is not read (False): a compiled graph would be specialized on it
+    and recompiled whenever a batch with an empty set came, to save a ``where`` that the compiler fuses anyway."""
+    if torch.compiler.is_compiling():
+        return _holds(cond, what), False
+    if lengths.shape[0] == 0:
+        return bool(cond), True
+    ok, nonempty = torch.stack([cond, (lengths > 0).all()]).tolist()
+    return bool(ok), bool(nonempty)
+
+
 def _check_mask(mask: Tensor, values: Tensor) -> Tensor:
     if not isinstance(mask, Tensor):
         raise TypeError(f"mask: expected a bool tensor [B, L] (True = keep), got {_describe(mask)}")
@@ -178,21 +195,28 @@ def _check_lengths(lengths: Tensor, name: str, device: torch.device) -> Tensor:
 
 def check_offsets(offsets: Tensor, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Validate ``[B+1]`` offsets over ``n`` packed rows; return them as int64 with the ``[B]`` lengths."""
+    offs, lens, _ = _check_offsets(offsets, n, device)
+    return offs, lens
+
+
+def _check_offsets(offsets: Tensor, n: int, device: torch.device) -> tuple[Tensor, Tensor, bool]:
+    """:func:`check_offsets`, plus whether every set is known to be nonempty (read in the same host sync)."""
     offs = _check_lengths(offsets, "offsets", device)
     if offs.shape[0] < 1:
         raise ValueError("offsets: expected shape [B+1] with B >= 0, got an empty tensor")
     lens = offsets_to_lengths(offs)
     # One host sync for the three checks (and one graph break under torch.compile, not three); the values that the
     # messages quote are read only on failure.
-    if not _holds((offs[0] == 0) & (offs[-1] == n) & (lens >= 0).all(),
-                  "offsets: expected 0 = offsets[0] <= ... <= offsets[-1] = N"):
+    ok, nonempty = _holds_and_nonempty((offs[0] == 0) & (offs[-1] == n) & (lens >= 0).all(), lens,
+                                       "offsets: expected 0 = offsets[0] <= ... <= offsets[-1] = N")
+    if not ok:
         if int(offs[0]) != 0:
             raise ValueError(f"offsets: expected offsets[0] == 0, got {int(offs[0])}")
         if int(offs[-1]) != n:
             raise ValueError(f"offsets: expected offsets[-1] == N = {n} (the number of packed rows), "
                              f"got {int(offs[-1])}")
         raise ValueError(f"offsets: expected non-decreasing offsets, got {offs.tolist()}")
-    return offs, lens
+    return offs, lens, nonempty
 
 
 def segment_ids(lengths: Tensor, n: int) -> Tensor:
@@ -237,7 +261,8 @@ def as_sets(
             raise TypeError(f"values: expected one dtype across the list, got {sorted(map(str, dtypes))}")
         packed = torch.cat(list(values))
         lens = torch.tensor([t.shape[0] for t in values], dtype=torch.long, device=packed.device)
-        return Sets("list", packed, None, lengths_to_offsets(lens), lens)
+        return Sets("list", packed, None, lengths_to_offsets(lens), lens,
+                    all_nonempty=not torch.compiler.is_compiling() and all(t.shape[0] > 0 for t in values))
 
     if not isinstance(values, Tensor):
         raise TypeError(f"values: expected a tensor or a list of tensors, got {_describe(values)}")
@@ -255,12 +280,15 @@ def as_sets(
             lens = _check_lengths(lengths, "lengths", values.device)
             if lens.shape[0] != b:
                 raise ValueError(f"lengths: expected shape [B] = [{b}], got {tuple(lens.shape)}")
-            if not _holds(((lens >= 0) & (lens <= l)).all(), "lengths: expected values in [0, L]"):
+            ok, nonempty = _holds_and_nonempty(((lens >= 0) & (lens <= l)).all(), lens,
+                                               "lengths: expected values in [0, L]")
+            if not ok:
                 raise ValueError(f"lengths: expected values in [0, L] = [0, {l}], got {lens.tolist()}")
             keep = torch.arange(l, device=values.device) < lens[:, None]
-            return Sets("padded", values, keep, None, lens)
+            return Sets("padded", values, keep, None, lens, all_nonempty=nonempty)
         if mask is None:
-            return Sets("padded", values, None, None, torch.full((b,), l, dtype=torch.long, device=values.device))
+            return Sets("padded", values, None, None, torch.full((b,), l, dtype=torch.long, device=values.device),
+                        all_nonempty=l > 0 or b == 0)
         keep = _check_mask(mask, values)
         return Sets("padded", values, keep, None, keep.sum(1))
 
@@ -273,15 +301,17 @@ def as_sets(
                              "offsets [B+1] or lengths [B]")
         if lengths is not None:
             lens = _check_lengths(lengths, "lengths", values.device)
-            # one host sync (one graph break) for both checks
-            if not _holds((lens >= 0).all() & (lens.sum() == n), "lengths: expected lengths >= 0 that sum to N"):
+            # one host sync (one graph break) for both checks and the emptiness
+            ok, nonempty = _holds_and_nonempty((lens >= 0).all() & (lens.sum() == n), lens,
+                                               "lengths: expected lengths >= 0 that sum to N")
+            if not ok:
                 if bool((lens < 0).any()):
                     raise ValueError(f"lengths: expected non-negative lengths, got {lens.tolist()}")
                 raise ValueError(f"lengths: expected lengths that sum to N = {n}, got a sum of {int(lens.sum())}")
-            return Sets("packed", values, None, lengths_to_offsets(lens), lens)
+            return Sets("packed", values, None, lengths_to_offsets(lens), lens, all_nonempty=nonempty)
         assert offsets is not None
-        offs, lens = check_offsets(offsets, n, values.device)
-        return Sets("packed", values, None, offs, lens)
+        offs, lens, nonempty = _check_offsets(offsets, n, values.device)
+        return Sets("packed", values, None, offs, lens, all_nonempty=nonempty)
 
     raise ValueError(f"values: expected padded [B, L, D] or packed [N, D] (or a list of [L_i, D]), "
                      f"got rank {values.dim()} with shape {tuple(values.shape)}")

@@ -430,6 +430,8 @@ def max_pool_sets(sets: Sets) -> Tensor:
         index = sets.segment_ids().unsqueeze(-1).expand_as(x)
         out = x.new_full((sets.batch_size, x.shape[-1]), float("-inf"))
         out = out.scatter_reduce(0, index, x, reduce="amax", include_self=True)
+    if sets.all_nonempty:
+        return out
     return torch.where(sets.nonempty.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 

@@ -64,6 +64,8 @@ def call_weights_hooks(module: nn.Module, weights: Tensor | None, sets: Sets,
 
 def zero_empty(out: Tensor, sets: Sets) -> Tensor:
     """Rows of empty sets set to exactly 0 (biases and residuals would otherwise give them a value)."""
+    if sets.all_nonempty:
+        return out
     keep = sets.nonempty.view(-1, *([1] * (out.dim() - 1)))
     return torch.where(keep, out, torch.zeros((), dtype=out.dtype, device=out.device))
 

@@ -151,13 +151,14 @@ def pad_packed(sets: Sets) -> tuple[Sets, Tensor, Tensor]:
     l_max = int(sets.lengths.max()) if b and n else 0
     padded = x.new_zeros(b, l_max, d).index_put((seg, pos), x)
     mask = torch.arange(l_max, device=x.device) < sets.lengths.unsqueeze(1)
-    return Sets("padded", padded, mask, None, sets.lengths), seg, pos
+    return Sets("padded", padded, mask, None, sets.lengths, all_nonempty=sets.all_nonempty), seg, pos
 
 
 def dense_sets(values: Tensor) -> Sets:
     """``[B, M, D]`` with every position kept, as padded :class:`Sets`."""
     b, m = values.shape[:2]
-    return Sets("padded", values, None, None, torch.full((b,), m, dtype=torch.long, device=values.device))
+    return Sets("padded", values, None, None, torch.full((b,), m, dtype=torch.long, device=values.device),
+                all_nonempty=m > 0 or b == 0)
 
 
 def check_query3(query: Tensor, sets: Sets, dim: int, name: str = "x") -> Tensor:
