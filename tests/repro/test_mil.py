@@ -23,6 +23,7 @@ from attnpool.repro.mil import (
     MilConfig,
     MilNet,
     auc,
+    byte_dropout,
     chunk_bounds,
     fold_standardizer,
     plan_folds,
@@ -180,6 +181,24 @@ def test_fused_adam_on_stacked_models_is_each_models_adam():
     for m, net in enumerate(models):
         for name, p in net.named_parameters():
             torch.testing.assert_close(batch.params[name][m].detach(), p.detach(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.2, 0.0])
+def test_byte_dropout_zeroes_a_fraction_p_and_scales_the_rest(p):
+    torch.manual_seed(0)
+    h = torch.rand(64, 1000, dtype=torch.float64).add_(0.5).requires_grad_()
+    y = byte_dropout(h, p)
+    kept = y != 0
+    q = round(256 * p) / 256  # the probability actually used
+    # 64,000 Bernoulli draws: the zeroed fraction is within 5 standard deviations of q
+    assert abs((1 - kept.double().mean().item()) - q) <= 5 * (q * (1 - q) / h.numel()) ** 0.5 + 1e-12
+    torch.testing.assert_close(y[kept], h[kept] / (1 - p), rtol=1e-15, atol=0)
+    y.sum().backward()
+    torch.testing.assert_close(h.grad, kept.double() / (1 - p), rtol=1e-15, atol=0)
+    if p:  # fresh draws per call, and columns not tied to one another (bytes of one int64 draw are independent)
+        assert not torch.equal(byte_dropout(h, p) != 0, kept)
+        pairs = kept[:, 0::2].double().flatten(), kept[:, 1::2].double().flatten()
+        assert abs(torch.corrcoef(torch.stack(pairs))[0, 1].item()) < 0.03
 
 
 def test_auc_and_chunks():

@@ -58,6 +58,7 @@ __all__ = [
     "MilConfig",
     "MilNet",
     "auc",
+    "byte_dropout",
     "fold_standardizer",
     "main",
     "make_pool",
@@ -244,6 +245,21 @@ class MilNet(nn.Module):
         return self.classifier(self.pool(h, lengths=lengths)).squeeze(-1)
 
 
+def byte_dropout(h: Tensor, p: float) -> Tensor:
+    """Inverted dropout of ``h`` (every element zeroed with probability ``p``, the rest scaled by ``1/(1-p)``) with
+    ``p`` rounded to a multiple of 1/256, exact for the recipes' 0.5.
+
+    The keep mask compares one random byte per element with ``round(256 p)``; the bytes are the bits of uniform
+    int64 draws. On CPU this is ~3.5x faster than ``F.dropout`` (whose Bernoulli sampling draws one double per
+    element: 14.5 against 4.0 ms on 1.8M floats, 1 thread, an Intel Xeon VM; 25 against 11 ms forward+backward),
+    and dropout was a fifth of the MIL training step.
+    """
+    n = h.numel()
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=h.device)
+    keep = words.view(torch.uint8)[:n].view(h.shape) >= round(256 * p)
+    return h * keep * (1.0 / (1.0 - p))
+
+
 def chunk_bounds(sorted_lengths: Sequence[int], chunk_cost: int) -> list[tuple[int, int]]:
     """Cut models sorted by bag size into contiguous chunks minimizing ``sum(size * longest + chunk_cost)``
     (padded rows plus a per-chunk overhead, in rows); ``chunk_cost=0`` means one chunk. Exact, by dynamic
@@ -349,7 +365,7 @@ class BatchedMil:
         for wk, bk in self.linear_keys:
             h = torch.baddbmm(p[bk].unsqueeze(1), h, p[wk].transpose(1, 2)).relu()
             if training and self.dropout:
-                h = F.dropout(h, self.dropout, training=True)
+                h = byte_dropout(h, self.dropout)
         lmax = int(lengths.max())
         pool_params = {k.removeprefix("pool."): p[k] for k in self.pool_keys}
         pool_buffers = self.pool_buffers if everyone else {
