@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnpool.functional import attention_pool, softmax_pool
+from attnpool.functional import softmax_pool
 from attnpool.kernels import use_kernel
-from attnpool.nn import AttentionPool
+from attnpool.nn import AttentionPool, ChannelSoftmaxPool
 
 PACKED, PADS_ITSELF, PREBUILT = "packed", "pads itself", "prebuilt padded"
 
@@ -243,37 +243,17 @@ def build_gate(batch: Batch, kernels: list[str], seed: int) -> Task:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class _ChannelSoftmax(nn.Module):
-    """attnpool's expression of PyG's SoftmaxAggregation: channel ``c`` of set ``b`` is a set of scalars
-    ``x_ic`` pooled with the dot score ``t·x_ic``. attnpool has no per-channel pool, so this runs its public
-    :func:`~attnpool.functional.attention_pool` on the ``D·B`` scalar sets of ``x`` transposed (one copy of x)."""
-
-    def __init__(self, t: float, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.t = nn.Parameter(torch.tensor([t], dtype=dtype))
-
-    def forward(self, x: Tensor, offsets: Tensor) -> Tensor:
-        n, d = x.shape
-        b = offsets.shape[0] - 1
-        starts = (offsets[:-1].unsqueeze(0) + n * torch.arange(d).unsqueeze(1)).reshape(-1)  # set (c, b)
-        offs = torch.cat([starts, starts.new_full((1,), n * d)])
-        query = self.t.expand(d * b).view(d * b, 1, 1)
-        out = attention_pool(x.T.reshape(n * d, 1), query, offsets=offs, scale=1.0)  # [D*B, 1, 1]
-        return out.view(d, b).T
-
-
 def build_softmax_agg(batch: Batch, kernels: list[str], seed: int) -> Task:
     d, dtype, offsets = batch.dim, batch.x.dtype, batch.offsets
     t0 = 0.5 + torch.rand((), generator=torch.Generator().manual_seed(seed)).item()
-    ours = _ChannelSoftmax(t0, dtype)
+    ours = ChannelSoftmaxPool(t0, learn=True, dtype=dtype)
 
     def call(m: nn.Module, x: Tensor) -> Tensor:
-        return m(x, offsets)
+        return m(x, offsets=offsets)
 
     truth, truth_fn = _float64_truth(ours, call, batch.x)
     task = Task("softmax_agg", "per channel c: Σ_i softmax_i(t·x_ic) x_ic, learned t", truth, truth_fn)
-    task.rows += _attnpool_rows("attention_pool over D·B scalar sets", partial(call, ours), [ours.t], kernels,
-                                note="attnpool has no per-channel pool: its public API on x.T")
+    task.rows += _attnpool_rows("ChannelSoftmaxPool(learn=True)", partial(call, ours), [ours.t], kernels)
 
     pyg, why = _import("torch_geometric.nn.aggr")
     if pyg is None:

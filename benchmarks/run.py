@@ -583,7 +583,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         c = by_name.get(cname)
         if not c:
             continue
-        # the attention pools; softmax_agg is PyG's per-channel function, which attnpool only reaches through x.T
+        # the attention pools; softmax_agg (PyG's per-channel function, attnpool's ChannelSoftmaxPool) has no target
         for t in (t for t in c["tasks"] if t["name"].startswith(("gate", "mha", "pma", "map"))):
             where = f"{cname} / {t['name']}"
             f, fb = t.get("attnpool_fwd"), t.get("attnpool_fwd_bwd")

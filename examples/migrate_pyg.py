@@ -32,12 +32,13 @@ from attnpool.convert import (
     from_pyg_set_transformer_aggregation,
     from_pyg_softmax_aggregation,
 )
-from attnpool.nn import PMA, GatedAttentionPool
+from attnpool.nn import PMA, ChannelSoftmaxPool, GatedAttentionPool
 
 new_gate = from_pyg_attentional_aggregation(gate)          # AttnpoolAggregation holding a GatedAttentionPool
-new_softmax = from_pyg_softmax_aggregation(softmax)        # ... an AttentionPool with one head per channel
+new_softmax = from_pyg_softmax_aggregation(softmax)        # ... a ChannelSoftmaxPool with the same 16 t's
 new_st = from_pyg_set_transformer_aggregation(set_transformer)  # ... SAB encoder, PMA, SAB decoder
 assert isinstance(new_gate.pool, GatedAttentionPool) and isinstance(new_st.pool, PMA)
+assert isinstance(new_softmax.pool, ChannelSoftmaxPool)
 # --8<-- [end:convert]
 
 # --8<-- [start:after]

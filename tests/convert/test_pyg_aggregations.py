@@ -81,18 +81,24 @@ def test_softmax_aggregation(t, learn, channels):
     if learn:
         with torch.no_grad():
             peer.t.copy_(torch.randn(channels))
-    ours = from_pyg_softmax_aggregation(peer, dim=F)
-    assert ours.pool.num_heads == F and ours.pool.query.requires_grad == learn
+    ours = from_pyg_softmax_aggregation(peer)
+    assert ours.pool.channels == channels and ours.pool.learn == learn
+    assert [p.shape for p in ours.parameters()] == ([(channels,)] if learn else [])
     x, index = groups()
     with torch.no_grad():
         want = peer(x, index, dim_size=GROUPS)
         got = ours(x, index, dim_size=GROUPS)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    if learn:  # the same parameter tying, so the same gradient for t
+        xg = x.clone().requires_grad_()
+        peer(xg, index, dim_size=GROUPS).square().sum().backward()
+        ours(x, index, dim_size=GROUPS).square().sum().backward()
+        torch.testing.assert_close(next(ours.parameters()).grad, peer.t.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_softmax_aggregation_needs_the_width_and_refuses_semi_grad():
-    with pytest.raises(TypeError, match="dim"):
-        from_pyg_softmax_aggregation(SoftmaxAggregation())
+def test_softmax_aggregation_checks_the_width_and_refuses_semi_grad():
+    with pytest.raises(ValueError, match="dim"):
+        from_pyg_softmax_aggregation(SoftmaxAggregation(learn=True, channels=F), dim=F + 1)
     with pytest.raises(NotImplementedError, match="semi_grad"):
         from_pyg_softmax_aggregation(SoftmaxAggregation(semi_grad=True), dim=F)
 

@@ -16,7 +16,7 @@ as ``num_heads``), and never import the peer's package themselves.
 * open_clip ``AttentionalPooler``: :func:`from_open_clip_attentional_pooler` -> ``LatentCrossAttention``;
 * PyG ``AttentionalAggregation``: :func:`from_pyg_attentional_aggregation` -> ``GatedAttentionPool`` or
   ``AttentionPool``;
-* PyG ``SoftmaxAggregation``: :func:`from_pyg_softmax_aggregation` -> ``AttentionPool`` with one head per channel;
+* PyG ``SoftmaxAggregation``: :func:`from_pyg_softmax_aggregation` -> ``ChannelSoftmaxPool``;
 * PyG ``SetTransformerAggregation``: :func:`from_pyg_set_transformer_aggregation` -> ``SAB`` encoders, ``PMA``,
   ``SAB`` decoders (the PyG converters return an ``AttnpoolAggregation`` drop-in holding the attnpool modules);
 * ``torch.nn.MultiheadAttention`` used as a pooler: :func:`from_multihead_attention` -> ``AttentionPool``;

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from attnpool.convert._common import class_name, load_exact
 from attnpool.convert.multihead_attention import in_proj_chunks
 from attnpool.nn.attention_pool import AttentionPool
+from attnpool.nn.channel_softmax_pool import ChannelSoftmaxPool
 from attnpool.nn.gated_attention_pool import GatedAttentionPool
 from attnpool.nn.set_transformer import PMA, SAB
 
@@ -85,17 +86,13 @@ def from_pyg_softmax_aggregation(aggr: Any, dim: int | None = None) -> nn.Module
     r"""PyG's ``SoftmaxAggregation`` (Li et al. 2020, "DeeperGCN") as attnpool pooling.
 
     PyG computes, channel by channel, ``r_c = Σ_n softmax_n(t_c x_nc) x_nc``: every channel has its own softmax
-    over the group. That is an :class:`~attnpool.nn.AttentionPool` with ``H = F`` heads of width 1, the dot score
-    (scale 1) and the query ``(t_1, ..., t_F)``: head ``c`` scores element ``n`` with ``t_c · x_nc`` and pools
-    channel ``c``. Outputs agree to float32 rounding; empty groups give 0 in both.
-
-    Training differs where PyG ties parameters: with ``learn=True, channels=1`` PyG learns one ``t`` for all
-    channels, the converted module ``F`` independent copies (equal at conversion). With ``learn=False`` the query
-    is frozen (``requires_grad=False``).
+    over the group. That is :class:`~attnpool.nn.ChannelSoftmaxPool` with the same ``t``, ``learn`` and
+    ``channels``, so training ties the parameters as PyG does (one ``t`` for every channel when ``channels=1``).
+    Outputs agree to float32 rounding; empty groups give 0 in both.
 
     Args:
         aggr: the ``SoftmaxAggregation``.
-        dim: the feature width ``F``; needed when ``t`` is a scalar (``channels=1``), read from ``t`` otherwise.
+        dim: optional, the feature width ``F``; checked against ``t`` when PyG has one ``t`` per channel.
 
     Raises:
         NotImplementedError: ``semi_grad=True`` (PyG stops the gradient through the softmax; attnpool always
@@ -108,19 +105,12 @@ def from_pyg_softmax_aggregation(aggr: Any, dim: int | None = None) -> nn.Module
                                   "which attnpool's modules always differentiate")
     t = aggr.t
     t = t.detach().reshape(-1) if isinstance(t, Tensor) else torch.tensor([float(t)])
-    if t.numel() > 1:
-        if dim is not None and dim != t.numel():
-            raise ValueError(f"dim: expected {t.numel()} (the number of channels of t), got {dim}")
-        dim = t.numel()
-    if dim is None or dim < 1:
-        raise TypeError(f"dim: a SoftmaxAggregation with one temperature does not know its feature width; pass "
-                        f"dim= (got {dim!r})")
-    query = t.expand(dim).reshape(1, dim).clone()
-    pool = AttentionPool(dim, 1, num_heads=dim, score="dot", **_kw(query))
-    load_exact(pool, {"query": query}, "SoftmaxAggregation")
-    if not aggr.learn:
-        assert pool.query is not None
-        pool.query.requires_grad_(False)
+    channels = t.numel()
+    if channels > 1 and dim is not None and dim != channels:
+        raise ValueError(f"dim: expected {channels} (the number of channels of t), got {dim}")
+    pool = ChannelSoftmaxPool(float(t[0]), learn=aggr.learn, channels=channels, **_kw(t))
+    if aggr.learn:
+        load_exact(pool, {"t": t}, "SoftmaxAggregation")
     return _aggregation(pool)
 
 

@@ -2,6 +2,7 @@
 
 from attnpool.functional.pool import (
     attention_pool,
+    channel_softmax_pool,
     max_pool,
     mean_pool,
     softmax_pool,
@@ -14,6 +15,7 @@ __all__ = [
     "additive_score",
     "attention_pool",
     "bilinear_score",
+    "channel_softmax_pool",
     "dot_score",
     "gated_score",
     "masked_softmax",

@@ -12,13 +12,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from attnpool._sets import Sets, as_sets
+from attnpool._sets import Sets, as_sets, lengths_to_offsets, segment_ids
 from attnpool.functional.scores import dot_score
 from attnpool.functional.softmax import compute_dtype, masked_softmax, segment_softmax
-from attnpool.kernels import KernelFn, get_kernel, kernel_choice
+from attnpool.kernels import KernelFn, get_kernel, kernel_choice, segment_channel_softmax_pool
 
 __all__ = [
     "attention_pool",
+    "channel_softmax_pool",
     "max_pool",
     "mean_pool",
     "softmax_pool",
@@ -305,9 +306,93 @@ def softmax_pool_sets(
     return out, weights
 
 
+def check_channel_t(t: float | Tensor, dim: int, like: Tensor) -> Tensor:
+    """``t`` of :func:`channel_softmax_pool` as a tensor ``[]`` or ``[D]`` on ``like``'s device."""
+    if isinstance(t, Tensor):
+        if not t.is_floating_point() or t.dim() > 1 or t.numel() not in (1, dim):
+            raise ValueError(f"t: expected a float, or a floating-point tensor [], [1] or [D] = [{dim}], got "
+                             f"dtype {t.dtype} and shape {tuple(t.shape)}")
+        if t.device != like.device:
+            raise ValueError(f"t: expected device {like.device}, got {t.device}")
+        return t
+    if not isinstance(t, (int, float)) or not math.isfinite(t):
+        raise ValueError(f"t: expected a finite number or a tensor, got {t!r}")
+    return torch.tensor(float(t), dtype=compute_dtype(like.dtype), device=like.device)
+
+
+def channel_softmax_pool_sets(sets: Sets, t: Tensor, need_weights: bool) -> tuple[Tensor, Tensor | None]:
+    """Per-channel softmax pooling of validated sets. Returns ``[B, D]`` in the values' dtype and, when asked,
+    weights in the internal layout with ``H = 1`` and one "query" per channel: ``[B, 1, D, L]`` padded,
+    ``[N, 1, D]`` packed."""
+    x = sets.values
+    b, d = sets.batch_size, sets.dim
+    if sets.is_padded:
+        l = x.shape[1]
+        rows = x.reshape(b * l, d) if sets.mask is None else x[sets.mask]  # masked rows are never read
+        offsets = lengths_to_offsets(sets.lengths)
+    else:
+        assert sets.offsets is not None
+        rows, offsets = x, sets.offsets
+    out, lse = segment_channel_softmax_pool(rows, offsets, t)
+    if not need_weights:
+        return out, None
+    cdt = compute_dtype(x.dtype)
+    seg = segment_ids(offsets[1:] - offsets[:-1], rows.shape[0])
+    w = torch.exp(rows.to(cdt) * t.to(cdt) - lse.detach()[seg])  # [N, D]
+    if not sets.is_padded:
+        return out, w.unsqueeze(1)
+    if sets.mask is None:
+        dense = w.view(b, x.shape[1], d)
+    else:
+        dense = w.new_zeros(b, x.shape[1], d)
+        dense[sets.mask] = w
+    return out, dense.transpose(1, 2).unsqueeze(1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Public functional API.
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def channel_softmax_pool(
+    values: Tensor | Sequence[Tensor],
+    t: float | Tensor = 1.0,
+    *,
+    mask: Tensor | None = None,
+    offsets: Tensor | None = None,
+    lengths: Tensor | None = None,
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Weights]:
+    r"""Softmax pooling of every channel on its own (PyG's ``SoftmaxAggregation``):
+
+    .. math::
+        \mathrm{out}_{b,c} = \sum_{i \in S_b} \mathrm{softmax}_i(t_c\, x_{ic})\, x_{ic}
+
+    ``t`` is an inverse temperature, shared (a float or a 0-d / ``[1]`` tensor) or one per channel (``[D]``); a
+    tensor ``t`` that requires grad is learned. ``t = 0`` gives the mean, large ``t`` tends to the max, negative ``t``
+    to the min (Li et al., *DeeperGCN*, 2020). Packed CPU input runs on the fused kernel of
+    :mod:`attnpool.kernels.cpu` (one pass, no ``N x D`` temporary); other input goes through the reference ops.
+
+    Args:
+        values: ``[B, L, D]`` (+ ``mask`` or ``lengths``), ``[N, D]`` + ``offsets`` or ``lengths``, or a list of
+            ``[L_i, D]``.
+
+    Returns:
+        ``[B, D]`` (0 for an empty set) and, with ``return_weights``, the weights of every element in every
+        channel: ``[B, D, L]`` padded, ``[N, D]`` packed, or a list of ``[D, L_i]``; each channel's weights sum
+        to 1 over a non-empty set.
+    """
+    sets = as_sets(values, mask=mask, offsets=offsets, lengths=lengths)
+    tt = check_channel_t(t, sets.dim, sets.values)
+    out, weights = channel_softmax_pool_sets(sets, tt, return_weights)
+    if not return_weights:
+        return out
+    assert weights is not None
+    formatted = format_weights(sets, weights)
+    if isinstance(formatted, list):
+        return out, [w[0] for w in formatted]
+    return out, formatted.squeeze(1)
+
 
 
 def attention_pool(

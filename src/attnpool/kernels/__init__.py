@@ -9,6 +9,9 @@ Backends:
 Padded input with many queries (self-attention: SAB, ISAB) goes instead to PyTorch's fused
 ``scaled_dot_product_attention`` (see ``attnpool.functional.pool._use_sdpa``).
 
+A second primitive, :func:`segment_channel_softmax_pool` (every channel with its own softmax, PyG's
+``SoftmaxAggregation``; :class:`attnpool.nn.ChannelSoftmaxPool`), has a reference and a CPU kernel only.
+
 The dispatcher picks the fastest available backend for the input's device. One switch overrides it: the
 ``ATTNPOOL_KERNEL`` environment variable, or :func:`use_kernel` (a context manager) /
 :func:`set_kernel`, with one of the names above or ``"auto"``.
@@ -31,7 +34,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["available_kernels", "get_kernel", "kernel_choice", "segment_attention_pool", "set_kernel", "use_kernel"]
+__all__ = ["available_kernels", "get_kernel", "kernel_choice", "segment_attention_pool",
+           "segment_channel_softmax_pool", "set_kernel", "use_kernel"]
 
 KernelFn = Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
 _NAMES = ("reference", "cpu", "triton")
@@ -107,3 +111,15 @@ def segment_attention_pool(x: Tensor, offsets: Tensor, query: Tensor, scale: flo
     """Dispatch the primitive of :mod:`.reference` to the chosen backend."""
     _, fn = get_kernel(x.device.type, x.dtype)
     return fn(x, offsets, query, scale)
+
+
+def segment_channel_softmax_pool(x: Tensor, offsets: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Dispatch the per-channel primitive of :mod:`.reference` (PyG's ``SoftmaxAggregation``): the CPU kernel for
+    CPU tensors, else the reference (there is no Triton kernel for it; a forced ``"triton"`` also runs the
+    reference). ``lse`` is differentiable on the reference only."""
+    name, _ = get_kernel(x.device.type, x.dtype)
+    if name == "cpu":
+        from attnpool.kernels import cpu
+        return cpu.segment_channel_softmax_pool(x, offsets, t)
+    from attnpool.kernels import reference
+    return reference.segment_channel_softmax_pool(x, offsets, t)

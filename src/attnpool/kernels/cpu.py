@@ -62,13 +62,13 @@ except ImportError:  # not POSIX: concurrent builds then rely on the atomic rena
 import torch
 from torch import Tensor
 
-__all__ = ["build", "is_available", "segment_attention_pool", "unavailable_reason"]
+__all__ = ["build", "is_available", "segment_attention_pool", "segment_channel_softmax_pool", "unavailable_reason"]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = ("segment_attention_pool.cpp", "segment_attention_pool_impl.h")
+_SOURCES = ("segment_attention_pool.cpp", "segment_attention_pool_impl.h", "channel_softmax_pool_impl.h")
 _CFLAGS = ("-O3", "-std=c++17", "-fPIC", "-fopenmp", "-fvisibility=hidden", "-fno-math-errno")
 _LDFLAGS = ("-shared", "-fopenmp")
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 _lock = threading.Lock()
@@ -163,6 +163,11 @@ def _build_and_load() -> ctypes.CDLL:
     lib.ap_backward.argtypes = [ctypes.c_int, vp, i64, i64, i64, vp, i64, vp, i64, i64, ctypes.c_double, vp, vp, vp,
                                 vp, vp, vp, ctypes.c_int]
     lib.ap_backward.restype = ctypes.c_int
+    lib.ap_channel_forward.argtypes = [ctypes.c_int, vp, i64, i64, i64, vp, i64, vp, vp, vp, ctypes.c_int]
+    lib.ap_channel_forward.restype = ctypes.c_int
+    lib.ap_channel_backward.argtypes = [ctypes.c_int, vp, i64, i64, i64, vp, i64, vp, vp, vp, vp, vp, vp,
+                                        ctypes.c_int]
+    lib.ap_channel_backward.restype = ctypes.c_int
     lib.ap_force_isa.argtypes = [ctypes.c_int]
     lib.ap_force_isa.restype = None
     return lib
@@ -330,3 +335,67 @@ def segment_attention_pool(x: Tensor, offsets: Tensor, query: Tensor, scale: flo
     """
     offsets, query, scale = _check(x, offsets, query, scale)
     return _SegmentAttentionPool.apply(x, offsets, query, scale)
+
+
+class _SegmentChannelSoftmaxPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, offsets: Tensor, t: Tensor):
+        lib = build()
+        cdt = torch.promote_types(x.dtype, torch.float32)
+        xr = _rows(x)
+        n, d = xr.shape
+        b = offsets.shape[0] - 1
+        tc = t.detach().to(cdt).expand(d).contiguous()
+        out = torch.empty(b, d, dtype=cdt)
+        lse = torch.empty(b, d, dtype=cdt)
+        status = lib.ap_channel_forward(_DTYPE_CODES[x.dtype], _ptr(xr), xr.stride(0) if n else d, n, d,
+                                        _ptr(offsets), b, _ptr(tc), _ptr(out), _ptr(lse), torch.get_num_threads())
+        if status:
+            _raise(status, offsets, n)
+        ctx.save_for_backward(xr, offsets, tc, out, lse)
+        ctx.t_shape, ctx.t_dtype = t.shape, t.dtype
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        return out.to(x.dtype), lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor | None, _grad_lse: Tensor | None):
+        need_x, _, need_t = ctx.needs_input_grad
+        if grad_out is None or not (need_x or need_t):
+            return None, None, None
+        xr, offsets, tc, out, lse = ctx.saved_tensors
+        n, d = xr.shape
+        b = offsets.shape[0] - 1
+        g = grad_out.to(tc.dtype).contiguous()
+        dx = torch.empty(n, d, dtype=xr.dtype) if need_x else None
+        dt = torch.zeros(d, dtype=tc.dtype) if need_t else None
+        status = build().ap_channel_backward(_DTYPE_CODES[xr.dtype], _ptr(xr), xr.stride(0) if n else d, n, d,
+                                             _ptr(offsets), b, _ptr(tc), _ptr(out), _ptr(lse), _ptr(g), _ptr(dx),
+                                             _ptr(dt), torch.get_num_threads())
+        if status:
+            _raise(status, offsets, n)
+        if dt is not None:
+            dt = dt.sum_to_size(ctx.t_shape).to(ctx.t_dtype)  # a scalar t gets the sum over the channels
+        return dx, None, dt
+
+
+def segment_channel_softmax_pool(x: Tensor, offsets: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Fused CPU :func:`attnpool.kernels.reference.segment_channel_softmax_pool`: same arguments, results and
+    gradients (with respect to ``x`` and ``t``; ``lse`` is not differentiable here).
+
+    Args:
+        x: ``[N, D]`` packed rows, float32, float64, float16 or bfloat16.
+        offsets: ``[B+1]`` integer, non-decreasing from 0 to N.
+        t: ``[]``, ``[1]`` or ``[D]`` floating-point: the inverse temperature, shared or one per channel.
+
+    Returns:
+        ``out [B, D]`` in ``x.dtype`` and ``lse [B, D]`` (float64 for float64 input, else float32).
+    """
+    offsets, _, _ = _check(x, offsets, x.new_zeros(1, 1, x.shape[1] if x.dim() == 2 else 0), 1.0)
+    if not isinstance(t, Tensor) or not t.is_floating_point() or t.numel() not in (1, x.shape[1]) or t.dim() > 1:
+        raise ValueError(f"t: expected a floating-point tensor [], [1] or [D] = [{x.shape[1]}], got "
+                         f"{getattr(t, 'shape', type(t).__name__)}")
+    if t.device.type != "cpu":
+        raise ValueError(f"t: the CPU kernel takes CPU tensors, got device {t.device}")
+    return _SegmentChannelSoftmaxPool.apply(x, offsets, t)

@@ -12,6 +12,15 @@ and linear key/value projections reduces to this (the projections fold onto the 
 
 Shapes: ``x [N, D]``, ``offsets [B+1]`` int64, ``query [1 or B, M, D]`` -> ``out [B, M, D]`` in ``x.dtype``,
 ``lse [B, M]`` float32 (float64 for double input). The weights of element ``i`` are ``exp(scale * x_i . q - lse)``.
+
+``segment_channel_softmax_pool(x, offsets, t)`` is the per-channel variant (PyG's ``SoftmaxAggregation``): every
+channel ``c`` of every set has its own softmax over the set's scalars ``t_c x_ic``::
+
+    out[b, c] = sum_{i in set b} softmax_i(t_c * x_ic) * x_ic                                 (0 for an empty set)
+    lse[b, c] = log sum_{i in set b} exp(t_c * x_ic)                                         (-inf for an empty set)
+
+Shapes: ``x [N, D]``, ``offsets [B+1]``, ``t [D]`` -> ``out [B, D]`` in ``x.dtype``, ``lse [B, D]`` in the compute
+dtype; the weight of element ``i`` in channel ``c`` is ``exp(t_c x_ic - lse[b, c])``.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from torch import Tensor
 from attnpool._sets import segment_ids
 from attnpool.functional.softmax import compute_dtype
 
-__all__ = ["segment_attention_pool"]
+__all__ = ["segment_attention_pool", "segment_channel_softmax_pool"]
 
 
 def segment_attention_pool(x: Tensor, offsets: Tensor, query: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -43,5 +52,22 @@ def segment_attention_pool(x: Tensor, offsets: Tensor, query: Tensor, scale: flo
     total = logits.new_zeros(b, logits.shape[1]).index_add(0, seg, e)
     w = e / torch.where(total > 0, total, torch.ones_like(total))[seg]
     out = xc.new_zeros(b, logits.shape[1], x.shape[1]).index_add(0, seg, w.unsqueeze(-1) * xc.unsqueeze(1))
+    lse = torch.log(total) + shift
+    return out.to(x.dtype), lse
+
+
+def segment_channel_softmax_pool(x: Tensor, offsets: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    cdt = compute_dtype(x.dtype)
+    n, d = x.shape
+    b = offsets.shape[0] - 1
+    seg = segment_ids(offsets[1:] - offsets[:-1], n)
+    xc = x.to(cdt)
+    logits = xc * t.to(cdt)
+    m = logits.new_full((b, d), float("-inf"))
+    m = m.scatter_reduce(0, seg.unsqueeze(1).expand_as(logits), logits.detach(), "amax", include_self=True)
+    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(logits - shift[seg])
+    total = logits.new_zeros(b, d).index_add(0, seg, e)
+    out = logits.new_zeros(b, d).index_add(0, seg, e * xc) / torch.where(total > 0, total, torch.ones_like(total))
     lse = torch.log(total) + shift
     return out.to(x.dtype), lse

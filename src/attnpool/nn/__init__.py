@@ -3,6 +3,7 @@
 from attnpool.nn.attention_pool import AttentionPool
 from attnpool.nn.base import SetPool, register_weights_hook
 from attnpool.nn.baselines import ClsPool, LastTokenPool, MaxPool, MeanPool, SumPool
+from attnpool.nn.channel_softmax_pool import ChannelSoftmaxPool
 from attnpool.nn.gated_attention_pool import GatedAttentionPool
 from attnpool.nn.latent_cross_attention import LatentCrossAttention
 from attnpool.nn.map_head import MAPHead
@@ -17,6 +18,7 @@ __all__ = [
     "AdditiveScore",
     "AttentionPool",
     "BilinearScore",
+    "ChannelSoftmaxPool",
     "ClsPool",
     "GatedAttentionPool",
     "LastTokenPool",

@@ -28,6 +28,7 @@
 #define AP_F16C 0
 namespace ap_base {
 #include "segment_attention_pool_impl.h"
+#include "channel_softmax_pool_impl.h"
 }  // namespace ap_base
 #undef AP_VBYTES
 #undef AP_F16C
@@ -40,6 +41,7 @@ namespace ap_base {
 #define AP_F16C 1
 namespace ap_avx2 {
 #include "segment_attention_pool_impl.h"
+#include "channel_softmax_pool_impl.h"
 }  // namespace ap_avx2
 #undef AP_VBYTES
 #undef AP_F16C
@@ -54,6 +56,11 @@ int forward_any(int dtype, const void* x, int64_t ldx, int64_t N, int64_t D, con
 int backward_any(int dtype, const void* x, int64_t ldx, int64_t N, int64_t D, const int64_t* off, int64_t B,
                  const void* q, int64_t G, int64_t M, double scale, const void* out, const void* lse,
                  const void* gout, const void* glse, void* dx, void* dq, int64_t P, int nthreads);
+int chan_forward_any(int dtype, const void* x, int64_t ldx, int64_t N, int64_t D, const int64_t* off, int64_t B,
+                     const void* t, void* out, void* lse, int64_t P, int nthreads);
+int chan_backward_any(int dtype, const void* x, int64_t ldx, int64_t N, int64_t D, const int64_t* off, int64_t B,
+                      const void* t, const void* out, const void* lse, const void* gout, void* dx, void* dt,
+                      int64_t P, int nthreads);
 }  // namespace ap_avx2
 #endif
 
@@ -93,7 +100,7 @@ int64_t num_pieces(int64_t N, int64_t M, int64_t D) {
 
 extern "C" {
 
-__attribute__((visibility("default"))) int ap_abi_version() { return 1; }
+__attribute__((visibility("default"))) int ap_abi_version() { return 2; }
 
 // 0: baseline (SSE2 on x86-64), 1: AVX2 + FMA + F16C.
 __attribute__((visibility("default"))) int ap_isa() { return isa(); }
@@ -129,6 +136,32 @@ __attribute__((visibility("default"))) int ap_backward(int dtype, const void* x,
 #endif
   return ap_base::backward_any(dtype, x, ldx, N, D, off, B, q, G, M, scale, out, lse, gout, glse, dx, dq, P,
                                nthreads);
+}
+
+// Per-channel softmax pooling (channel_softmax_pool_impl.h): t, out, lse, gout, dt in the compute type as above;
+// t has D entries; dx and dt may be null (not both).
+__attribute__((visibility("default"))) int ap_channel_forward(int dtype, const void* x, int64_t ldx, int64_t N,
+                                                              int64_t D, const int64_t* off, int64_t B,
+                                                              const void* t, void* out, void* lse, int nthreads) {
+  if (!offsets_ok(off, B, N)) return 1;
+  const int64_t P = num_pieces(N, 1, D);
+#if AP_X86
+  if (isa() == 1) return ap_avx2::chan_forward_any(dtype, x, ldx, N, D, off, B, t, out, lse, P, nthreads);
+#endif
+  return ap_base::chan_forward_any(dtype, x, ldx, N, D, off, B, t, out, lse, P, nthreads);
+}
+
+__attribute__((visibility("default"))) int ap_channel_backward(int dtype, const void* x, int64_t ldx, int64_t N,
+                                                               int64_t D, const int64_t* off, int64_t B,
+                                                               const void* t, const void* out, const void* lse,
+                                                               const void* gout, void* dx, void* dt, int nthreads) {
+  if (!offsets_ok(off, B, N)) return 1;
+  const int64_t P = num_pieces(N, 1, D);
+#if AP_X86
+  if (isa() == 1)
+    return ap_avx2::chan_backward_any(dtype, x, ldx, N, D, off, B, t, out, lse, gout, dx, dt, P, nthreads);
+#endif
+  return ap_base::chan_backward_any(dtype, x, ldx, N, D, off, B, t, out, lse, gout, dx, dt, P, nthreads);
 }
 
 }  // extern "C"
