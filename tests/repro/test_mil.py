@@ -248,3 +248,25 @@ def test_parallel_jobs_give_the_same_results(tmp_path):
         a, b = (runs[j]["results"]["paper"]["musk1"][pool] for j in (1, 2))
         assert a["accuracy"] == b["accuracy"] and a["auc"] == b["auc"] and a["epochs_run"] == b["epochs_run"]
     assert list(runs[2]["results"]["paper"]["musk1"]) == ["attention", "mean"]
+
+
+def test_dropout_options_change_only_the_masks_and_reproduce(tmp_path):
+    """--dropout-seed reseeds the masks (same seed, same numbers; another seed, other numbers); --dropout-impl torch
+    runs F.dropout; both are recorded in the recipe."""
+    def run(name, *extra):
+        out = tmp_path / name
+        assert cli.main(["repro", "mil", "--quick", "--pools", "attention", "--epochs", "3", "--no-progress",
+                         "--out", str(out), *extra]) == 0
+        res = json.loads((out / "results.json").read_text())
+        return res["results"]["paper"]["musk1"]["attention"], (out / "results.md").read_text()
+
+    seed1, text1 = run("s1", "--dropout-seed", "1")
+    again, _ = run("s1b", "--dropout-seed", "1")
+    seed2, _ = run("s2", "--dropout-seed", "2")
+    torch_masks, text_torch = run("torch", "--dropout-impl", "torch", "--dropout-seed", "1")
+    def probs(r):
+        return [e["probability"] for e in r["examples"]]
+
+    assert probs(seed1) == probs(again) and seed1["accuracy"] == again["accuracy"]
+    assert probs(seed1) != probs(seed2) and probs(seed1) != probs(torch_masks)
+    assert "dropout seed 1" in text1 and "dropout masks from torch" in text_torch
