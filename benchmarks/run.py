@@ -211,8 +211,11 @@ def forward_peak_bytes(fn: Callable[[], object]) -> int | None:
 
 @contextlib.contextmanager
 def kernel_spy() -> Iterator[list[str]]:
-    """Record which attnpool kernels the dispatcher hands out (nothing: the eager path ran)."""
+    """Record which attnpool kernels the dispatcher hands out (nothing: the eager path ran). Both lookups are
+    watched: the attention pools' (``attnpool.functional.pool.get_kernel``) and the per-channel pool's
+    (``attnpool.kernels.get_kernel``)."""
     import attnpool.functional.pool as pool_mod
+    import attnpool.kernels as kernels_mod
 
     calls: list[str] = []
     original = getattr(pool_mod, "get_kernel", None)
@@ -227,10 +230,12 @@ def kernel_spy() -> Iterator[list[str]]:
         return choice
 
     pool_mod.get_kernel = spy
+    kernels_mod.get_kernel = spy
     try:
         yield calls
     finally:
         pool_mod.get_kernel = original
+        kernels_mod.get_kernel = original
 
 
 def rel_err(y: Tensor, truth: Tensor, keep: Tensor | None) -> float:

@@ -58,6 +58,8 @@ VARIANTS: dict[str, list[Callable[[], nn.Module]]] = {
         lambda: apnn.ISAB(D, 3, 2),
         lambda: apnn.ISAB(D, 2, 4, in_dim=6, residual="projected_query", out_proj=False, scale=D**-0.5),
     ],
+    "ChannelSoftmaxPool": [lambda: apnn.ChannelSoftmaxPool(0.5), lambda: apnn.ChannelSoftmaxPool(2.0, learn=True),
+                           lambda: apnn.ChannelSoftmaxPool(-1.0, learn=True, channels=D)],
     "MeanPool": [apnn.MeanPool],
     "SumPool": [apnn.SumPool],
     "MaxPool": [apnn.MaxPool],

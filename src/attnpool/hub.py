@@ -156,6 +156,10 @@ def _bilinear_config(m: Any) -> dict[str, Any]:
     return {"query_dim": m.query_dim, "key_dim": m.key_dim}
 
 
+def _channel_softmax_config(m: Any) -> dict[str, Any]:
+    return {"t": m.initial_t, "learn": m.learn, "channels": m.channels}
+
+
 def _no_config(m: Any) -> dict[str, Any]:
     return {}
 
@@ -171,6 +175,7 @@ _CONFIG_FNS.update({
     "attnpool.nn.map_head.MAPHead": _map_head_config,
     "attnpool.nn.scores.AdditiveScore": _additive_config,
     "attnpool.nn.scores.BilinearScore": _bilinear_config,
+    "attnpool.nn.channel_softmax_pool.ChannelSoftmaxPool": _channel_softmax_config,
     **{f"attnpool.nn.baselines.{name}": _no_config
        for name in ("MeanPool", "SumPool", "MaxPool", "ClsPool", "LastTokenPool")},
 })
