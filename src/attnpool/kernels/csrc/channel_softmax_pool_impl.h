@@ -12,6 +12,28 @@
 // in one more pass (a_ic recomputed from lse). dt is summed per piece, then over the pieces in order, so the result
 // does not depend on the thread count.
 
+// Channels [d0, D) of one block, one at a time (the double type, and the float loop's tail).
+template <class A>
+static inline void chan_block_scalar(const A* const* rowp, int64_t rb, const A* t, int64_t d0, int64_t D, A* mx,
+                                     A* sm, A* acc) {
+  for (int64_t d = d0; d < D; ++d) {
+    A bm = -INFINITY;
+    for (int64_t r = 0; r < rb; ++r) bm = std::max(bm, t[d] * rowp[r][d]);
+    const A nm = std::max(mx[d], bm);
+    const A shift = std::isfinite(nm) ? nm : A(0);
+    const A c = mx[d] == -INFINITY ? A(0) : std::exp((std::isfinite(mx[d]) ? mx[d] : A(0)) - shift);
+    A s = sm[d] * c, a = acc[d] * c;
+    for (int64_t r = 0; r < rb; ++r) {
+      const A e = std::exp(t[d] * rowp[r][d] - shift);
+      s += e;
+      a += e * rowp[r][d];
+    }
+    mx[d] = nm;
+    sm[d] = s;
+    acc[d] = a;
+  }
+}
+
 // Fold one block of rows (rowp[0..rb)) into the per-channel state mx, sm, acc [D].
 static inline void chan_block(const float* const* rowp, int64_t rb, const float* t, int64_t D, float* mx, float* sm,
                               float* acc) {
@@ -43,42 +65,25 @@ static inline void chan_block(const float* const* rowp, int64_t rb, const float*
     vstore(sm + d, s);
     vstore(acc + d, a);
   }
-  for (; d < D; ++d) {
-    float bm = -INFINITY;
-    for (int64_t r = 0; r < rb; ++r) bm = std::max(bm, t[d] * rowp[r][d]);
-    const float nm = std::max(mx[d], bm);
-    const float shift = std::isfinite(nm) ? nm : 0.0f;
-    const float c = mx[d] == -INFINITY ? 0.0f : std::exp((std::isfinite(mx[d]) ? mx[d] : 0.0f) - shift);
-    float s = sm[d] * c, a = acc[d] * c;
-    for (int64_t r = 0; r < rb; ++r) {
-      const float e = std::exp(t[d] * rowp[r][d] - shift);
-      s += e;
-      a += e * rowp[r][d];
-    }
-    mx[d] = nm;
-    sm[d] = s;
-    acc[d] = a;
-  }
+  chan_block_scalar(rowp, rb, t, d, D, mx, sm, acc);
 }
 
 static inline void chan_block(const double* const* rowp, int64_t rb, const double* t, int64_t D, double* mx,
                               double* sm, double* acc) {
-  for (int64_t d = 0; d < D; ++d) {
-    double bm = -INFINITY;
-    for (int64_t r = 0; r < rb; ++r) bm = std::max(bm, t[d] * rowp[r][d]);
-    const double nm = std::max(mx[d], bm);
-    const double shift = std::isfinite(nm) ? nm : 0.0;
-    const double c = mx[d] == -INFINITY ? 0.0 : std::exp((std::isfinite(mx[d]) ? mx[d] : 0.0) - shift);
-    double s = sm[d] * c, a = acc[d] * c;
+  chan_block_scalar(rowp, rb, t, 0, D, mx, sm, acc);
+}
+
+// Channels [d0, D) of chan_block_backward, one at a time.
+template <class A>
+static inline void chan_block_backward_scalar(const A* const* rowp, int64_t rb, const A* t, int64_t d0, int64_t D,
+                                              const A* g, const A* out, const A* lse, A* dxrows, A* dt) {
+  for (int64_t d = d0; d < D; ++d)
     for (int64_t r = 0; r < rb; ++r) {
-      const double e = std::exp(t[d] * rowp[r][d] - shift);
-      s += e;
-      a += e * rowp[r][d];
+      const A x = rowp[r][d];
+      const A ga = g[d] * std::exp(t[d] * x - lse[d]);
+      dxrows[r * D + d] = ga + ga * t[d] * (x - out[d]);
+      dt[d] += ga * x * (x - out[d]);
     }
-    mx[d] = nm;
-    sm[d] = s;
-    acc[d] = a;
-  }
 }
 
 // dx rows and the dt partial of one block: rowp[r] is row i0 + r of set b.
@@ -99,25 +104,13 @@ static inline void chan_block_backward(const float* const* rowp, int64_t rb, con
     }
     vstore(dt + d, dtv);
   }
-  for (; d < D; ++d)
-    for (int64_t r = 0; r < rb; ++r) {
-      const float x = rowp[r][d];
-      const float ga = g[d] * std::exp(t[d] * x - lse[d]);
-      dxrows[r * D + d] = ga + ga * t[d] * (x - out[d]);
-      dt[d] += ga * x * (x - out[d]);
-    }
+  chan_block_backward_scalar(rowp, rb, t, d, D, g, out, lse, dxrows, dt);
 }
 
 static inline void chan_block_backward(const double* const* rowp, int64_t rb, const double* t, int64_t D,
                                        const double* g, const double* out, const double* lse, double* dxrows,
                                        double* dt) {
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t r = 0; r < rb; ++r) {
-      const double x = rowp[r][d];
-      const double ga = g[d] * std::exp(t[d] * x - lse[d]);
-      dxrows[r * D + d] = ga + ga * t[d] * (x - out[d]);
-      dt[d] += ga * x * (x - out[d]);
-    }
+  chan_block_backward_scalar(rowp, rb, t, 0, D, g, out, lse, dxrows, dt);
 }
 
 template <class A>
@@ -187,38 +180,15 @@ static int chan_forward(int kind, const void* x, int64_t ldx, int64_t N, int64_t
   // Merge the partial states of cut sets, in row order (slot order is row order).
   Scratch<A> tot((size_t)(2 * D));
   if (!tot.p) return 2;
-  int64_t k = 0;
-  while (k < 2 * P) {
-    const int64_t b = slot_set.p[k];
-    if (b < 0) { ++k; continue; }
-    int64_t e = k + 1;
-    while (e < 2 * P && (slot_set.p[e] == b || slot_set.p[e] < 0)) ++e;
-    A* mx = tot.p;
-    A* sm = tot.p + D;
-    A* acc = out + b * D;
-    chan_init(D, mx, sm, acc);
-    for (int64_t j = k; j < e; ++j) {
-      if (slot_set.p[j] != b) continue;
-      const A* pacc = slots.p + j * st;
-      const A* pmx = pacc + D;
-      const A* psm = pmx + D;
-      for (int64_t d = 0; d < D; ++d) {
-        const A nm = std::max(mx[d], pmx[d]);
-        const A sh = std::isfinite(nm) ? nm : A(0);
-        auto factor = [&](A v, A s) -> A {
-          if (v == -INFINITY && s == s) return 0;
-          return std::exp((std::isfinite(v) ? v : A(0)) - sh);
-        };
-        const A ca = factor(mx[d], sm[d]);
-        const A cb = factor(pmx[d], psm[d]);
-        sm[d] = sm[d] * ca + psm[d] * cb;
-        acc[d] = acc[d] * ca + pacc[d] * cb;
-        mx[d] = nm;
-      }
-    }
-    chan_finalize(D, mx, sm, acc, acc, lse + b * D);
-    k = e;
-  }
+  A* mx = tot.p;
+  A* sm = tot.p + D;
+  for_cut_sets(P, slot_set.p,
+               [&](int64_t b) { chan_init(D, mx, sm, out + b * D); },
+               [&](int64_t b, int64_t j) {
+                 const A* pacc = slots.p + j * st;
+                 merge_state(D, 1, mx, sm, out + b * D, pacc + D, pacc + 2 * D, pacc);
+               },
+               [&](int64_t b) { chan_finalize(D, mx, sm, out + b * D, out + b * D, lse + b * D); });
   return 0;
 }
 

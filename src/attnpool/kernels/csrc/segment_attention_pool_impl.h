@@ -511,6 +511,46 @@ template <class A> struct Fwd {
   }
 };
 
+// Fold one partial online-softmax state (pmx, psm [K], pacc [K][W]) into (mx, sm, acc): K softmaxes, each with a
+// W-wide weighted sum (the attention kernel: K = M queries, W = D; the per-channel kernel: K = D channels, W = 1).
+// Each state is relative to the shift of its max (0 when not finite, as in the row loops); an empty state (max -inf,
+// no NaN) weighs exactly 0, even when exp(0 - shift) would overflow.
+template <class A>
+static inline void merge_state(int64_t K, int64_t W, A* mx, A* sm, A* acc, const A* pmx, const A* psm,
+                               const A* pacc) {
+  for (int64_t m = 0; m < K; ++m) {
+    const A nm = std::max(mx[m], pmx[m]);
+    const A sh = std::isfinite(nm) ? nm : A(0);
+    auto factor = [&](A v, A s) -> A {
+      if (v == -INFINITY && s == s) return 0;
+      return std::exp((std::isfinite(v) ? v : A(0)) - sh);
+    };
+    const A ca = factor(mx[m], sm[m]);
+    const A cb = factor(pmx[m], psm[m]);
+    sm[m] = sm[m] * ca + psm[m] * cb;
+    for (int64_t d = 0; d < W; ++d) acc[m * W + d] = acc[m * W + d] * ca + pacc[m * W + d] * cb;
+    mx[m] = nm;
+  }
+}
+
+// For each set cut across pieces, in row order (slot order is row order): begin(b), then fold(b, j) for each of
+// its slots j, then end(b). slot_set [2P]: the set of each piece's lead and trail slot, or -1.
+template <class Begin, class Fold, class End>
+static void for_cut_sets(int64_t P, const int64_t* slot_set, Begin begin, Fold fold, End end) {
+  int64_t k = 0;
+  while (k < 2 * P) {
+    const int64_t b = slot_set[k];
+    if (b < 0) { ++k; continue; }
+    int64_t e = k + 1;
+    while (e < 2 * P && (slot_set[e] == b || slot_set[e] < 0)) ++e;
+    begin(b);
+    for (int64_t j = k; j < e; ++j)
+      if (slot_set[j] == b) fold(b, j);
+    end(b);
+    k = e;
+  }
+}
+
 template <class A> static inline void init_state(int64_t M, int64_t D, A* mx, A* sm, A* acc) {
   for (int64_t m = 0; m < M; ++m) { mx[m] = -INFINITY; sm[m] = 0; }
   std::memset(acc, 0, M * D * sizeof(A));
@@ -575,40 +615,15 @@ static int forward(int kind, const void* x, int64_t ldx, int64_t N, int64_t D, c
   // Merge the partial states of cut sets, in row order (slot order is row order).
   Scratch<A> tot((size_t)(2 * M));
   if (!tot.p) return 2;
-  int64_t k = 0;
-  while (k < 2 * P) {
-    const int64_t b = slot_set.p[k];
-    if (b < 0) { ++k; continue; }
-    int64_t e = k + 1;
-    while (e < 2 * P && (slot_set.p[e] == b || slot_set.p[e] < 0)) ++e;
-    A* mx = tot.p;
-    A* sm = tot.p + M;
-    A* acc = out + b * M * D;
-    init_state(M, D, mx, sm, acc);
-    for (int64_t j = k; j < e; ++j) {
-      if (slot_set.p[j] != b) continue;
-      const A* pacc = slots.p + j * st;
-      const A* pmx = pacc + M * D;
-      const A* psm = pmx + M;
-      for (int64_t m = 0; m < M; ++m) {
-        // Each state is relative to the shift of its max (0 when not finite, as in rows()); an empty state
-        // (max -inf, no NaN) weighs exactly 0, even when exp(0 - shift) would overflow.
-        const A nm = std::max(mx[m], pmx[m]);
-        const A sh = std::isfinite(nm) ? nm : A(0);
-        auto factor = [&](A v, A s) -> A {
-          if (v == -INFINITY && s == s) return 0;
-          return std::exp((std::isfinite(v) ? v : A(0)) - sh);
-        };
-        const A ca = factor(mx[m], sm[m]);
-        const A cb = factor(pmx[m], psm[m]);
-        sm[m] = sm[m] * ca + psm[m] * cb;
-        for (int64_t d = 0; d < D; ++d) acc[m * D + d] = acc[m * D + d] * ca + pacc[m * D + d] * cb;
-        mx[m] = nm;
-      }
-    }
-    finalize(M, D, mx, sm, acc, acc, lse + b * M);
-    k = e;
-  }
+  A* mx = tot.p;
+  A* sm = tot.p + M;
+  for_cut_sets(P, slot_set.p,
+               [&](int64_t b) { init_state(M, D, mx, sm, out + b * M * D); },
+               [&](int64_t b, int64_t j) {
+                 const A* pacc = slots.p + j * st;
+                 merge_state(M, D, mx, sm, out + b * M * D, pacc + M * D, pacc + M * D + M, pacc);
+               },
+               [&](int64_t b) { finalize(M, D, mx, sm, out + b * M * D, out + b * M * D, lse + b * M); });
   return 0;
 }
 
