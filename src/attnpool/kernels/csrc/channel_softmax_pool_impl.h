@@ -12,6 +12,14 @@
 // in one more pass (a_ic recomputed from lse). dt is summed per piece, then over the pieces in order, so the result
 // does not depend on the thread count.
 
+// vexp for arguments <= 0 (every exponent here is t x - max): without vexp's upper clamp and its +inf and NaN
+// selects; NaN still propagates through the polynomial, -inf and anything below -87.3 still give exactly 0. The
+// arguments can only be positive when a set's max is not finite, and such a set's result is NaN either way.
+static inline Vec<float> vexp_nonpos(Vec<float> x) {
+  const Vec<float> lo = Vec<float>{} + kExpLo;
+  return x < lo ? Vec<float>{} : vexp_core(x < lo ? lo : x);
+}
+
 // Channels [d0, D) of one block, one at a time (the double type, and the float loop's tail).
 template <class A>
 static inline void chan_block_scalar(const A* const* rowp, int64_t rb, const A* t, int64_t d0, int64_t D, A* mx,
@@ -57,7 +65,7 @@ static inline void chan_block(const float* const* rowp, int64_t rb, const float*
     Vec<float> s = vload(sm + d) * c, a = vload(acc + d) * c;
     for (int64_t r = 0; r < rb; ++r) {
       const Vec<float> xv = vload(rowp[r] + d);
-      const Vec<float> e = vexp(tv * xv - shift);
+      const Vec<float> e = vexp_nonpos(tv * xv - shift);
       s += e;
       a += e * xv;
     }
@@ -97,7 +105,7 @@ static inline void chan_block_backward(const float* const* rowp, int64_t rb, con
     Vec<float> dtv = vload(dt + d);
     for (int64_t r = 0; r < rb; ++r) {
       const Vec<float> xv = vload(rowp[r] + d);
-      const Vec<float> ga = gv * vexp(tv * xv - lv);
+      const Vec<float> ga = gv * vexp_nonpos(tv * xv - lv);
       const Vec<float> dev = xv - ov;
       vstore(dxrows + r * D + d, ga + ga * tv * dev);
       dtv += ga * xv * dev;

@@ -264,11 +264,11 @@ static inline void combine(A* __restrict dst, const A* const* v, const A* c, int
 
 // v[i] = exp(v[i]) for i < n, n a multiple of the SIMD width (kBlockRows is). float: a vectorized Cephes-style
 // polynomial (relative error below 1e-7 over [-87, 88], 0 below; exactly 0 at -inf, NaN stays NaN); double: libm.
-static inline Vec<float> vexp(Vec<float> x) {
+constexpr float kExpLo = -87.3365447505531f, kExpHi = 88.3762626647949f;
+
+// exp(xc) for xc in [kExpLo, kExpHi] (NaN gives NaN): the range reduction and the polynomial.
+static inline Vec<float> vexp_core(Vec<float> xc) {
   typedef int32_t vi __attribute__((vector_size(kVB)));
-  const Vec<float> hi = Vec<float>{} + 88.3762626647949f, lo = Vec<float>{} - 87.3365447505531f;
-  Vec<float> xc = x > hi ? hi : x;
-  xc = xc < lo ? lo : xc;
   const Vec<float> magic = Vec<float>{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const Vec<float> fx = (xc * 1.44269504088896341f + magic) - magic;
   Vec<float> r = xc - fx * 0.693359375f;
@@ -283,7 +283,14 @@ static inline Vec<float> vexp(Vec<float> x) {
   const vi bits = (__builtin_convertvector(fx, vi) + 127) << 23;
   Vec<float> p2;
   __builtin_memcpy(&p2, &bits, sizeof(p2));
-  y = y * p2;
+  return y * p2;
+}
+
+static inline Vec<float> vexp(Vec<float> x) {
+  const Vec<float> hi = Vec<float>{} + kExpHi, lo = Vec<float>{} + kExpLo;
+  Vec<float> xc = x > hi ? hi : x;
+  xc = xc < lo ? lo : xc;
+  Vec<float> y = vexp_core(xc);
   y = x < lo ? Vec<float>{} : y;
   y = x > hi ? Vec<float>{} + INFINITY : y;
   return x != x ? x : y;
