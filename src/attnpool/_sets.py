@@ -56,7 +56,7 @@ class Sets:
         all_nonempty: True when validation established, with no extra host sync, that no set is empty (a list, an
             unmasked padded batch, or lengths and offsets read on the host for their checks); False when some set
             is empty *or it is not known* (a padded mask is never read on the host, nor is anything under
-            ``torch.export``). Modules use it to skip zeroing the outputs of empty sets.
+            ``torch.compile`` or ``torch.export``). Modules use it to skip zeroing the outputs of empty sets.
     """
 
     layout: Layout

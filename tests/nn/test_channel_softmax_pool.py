@@ -58,6 +58,23 @@ def test_matches_the_formula_in_every_form(kernel, per_channel):
     torch.testing.assert_close(w_p.transpose(1, 2)[batch.mask], w_k, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_weights_are_differentiable_like_a_softmax(kernel):
+    """The weights' gradients with respect to x and t are those of a per-set torch.softmax (float64)."""
+    batch = make_batch(LENGTHS, 3, seed=5)
+    r = torch.randn(11, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    x = batch.packed.clone().requires_grad_()
+    t = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    with use_kernel(kernel):
+        _, w = channel_softmax_pool(x, t, offsets=batch.offsets, return_weights=True)
+    gx, gt = torch.autograd.grad((w * r).sum(), [x, t])
+    x2, t2 = batch.packed.clone().requires_grad_(), t.detach().clone().requires_grad_()
+    pieces = [torch.softmax(t2 * s, 0) for s in torch.split(x2, LENGTHS)]
+    gx2, gt2 = torch.autograd.grad((torch.cat(pieces) * r).sum(), [x2, t2])
+    torch.testing.assert_close(gx, gx2, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gt, gt2, rtol=0, atol=1e-12)
+
+
 def test_limits_in_t_mean_max_min():
     batch = make_batch([5, 3], 4, seed=1)
     mean = torch.stack([s.mean(0) for s in batch.sets])

@@ -338,7 +338,13 @@ def channel_softmax_pool_sets(sets: Sets, t: Tensor, need_weights: bool) -> tupl
         return out, None
     cdt = compute_dtype(x.dtype)
     seg = segment_ids(offsets[1:] - offsets[:-1], rows.shape[0])
-    w = torch.exp(rows.to(cdt) * t.to(cdt) - lse.detach()[seg])  # [N, D]
+    z = rows.to(cdt) * t.to(cdt)
+    lse = lse.detach()
+    if torch.is_grad_enabled() and z.requires_grad:
+        # the kernel's lse has no gradient; d lse_bc / d z_ic = a_ic, which this zero-valued term supplies
+        s = z.new_zeros(b, d).index_add(0, seg, torch.exp(z - lse[seg]).detach() * z)
+        lse = lse + (s - s.detach())
+    w = torch.exp(z - lse[seg])  # [N, D]
     if not sets.is_padded:
         return out, w.unsqueeze(1)
     if sets.mask is None:
@@ -392,7 +398,6 @@ def channel_softmax_pool(
     if isinstance(formatted, list):
         return out, [w[0] for w in formatted]
     return out, formatted.squeeze(1)
-
 
 
 def attention_pool(
