@@ -270,3 +270,5 @@ def test_dropout_options_change_only_the_masks_and_reproduce(tmp_path):
     assert probs(seed1) == probs(again) and seed1["accuracy"] == again["accuracy"]
     assert probs(seed1) != probs(seed2) and probs(seed1) != probs(torch_masks)
     assert "dropout seed 1" in text1 and "dropout masks from torch" in text_torch
+    _, text_lr = run("lr", "--lr", "1e-4", "--patience", "20")
+    assert "Adam lr 0.0001" in text_lr and "patience 20" in text_lr

@@ -721,6 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--epochs", type=int, default=None, help="override the recipes' epoch count")
     p.add_argument("--bags-per-step", type=int, default=None, help="override the recipes' bags per step")
+    p.add_argument("--lr", type=float, default=None, help="override the recipes' Adam learning rate")
+    p.add_argument("--patience", type=int, default=None, help="override the recipes' early-stopping patience")
     p.add_argument("--dropout-impl", choices=["bytes", "torch"], default=None,
                    help="dropout masks from byte_dropout (default) or F.dropout (same distribution, 3.5x slower)")
     p.add_argument("--dropout-seed", type=int, default=None,
@@ -815,6 +817,10 @@ def main(argv: list[str] | None = None) -> int:
         recipes = {k: replace(v, epochs=args.epochs) for k, v in recipes.items()}
     if args.bags_per_step is not None:
         recipes = {k: replace(v, bags_per_step=args.bags_per_step) for k, v in recipes.items()}
+    if args.lr is not None:
+        recipes = {k: replace(v, lr=args.lr) for k, v in recipes.items()}
+    if args.patience is not None:
+        recipes = {k: replace(v, patience=args.patience) for k, v in recipes.items()}
     if args.dropout_impl is not None:
         recipes = {k: replace(v, dropout_impl=args.dropout_impl) for k, v in recipes.items()}
     if args.dropout_seed is not None:
