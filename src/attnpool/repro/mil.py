@@ -120,6 +120,8 @@ RECIPES: dict[str, MilConfig] = {
     "early-stop": MilConfig(early_stopping=True),
     "xavier": MilConfig(init="xavier"),
     "paper": MilConfig(weight_decay=5e-3, dropout=0.5, early_stopping=True, init="xavier"),
+    # the 5 x 10 ablation found early stopping on a 10 % split the one factor that hurts: "paper" without it
+    "paper-no-es": MilConfig(weight_decay=5e-3, dropout=0.5, init="xavier"),
 }
 
 PAPER_SETUP = (
