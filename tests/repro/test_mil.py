@@ -23,10 +23,10 @@ from attnpool.repro.mil import (
     MilConfig,
     MilNet,
     auc,
-    byte_dropout,
     chunk_bounds,
     fold_standardizer,
     plan_folds,
+    relu_byte_dropout,
     stratified_kfold,
 )
 
@@ -126,9 +126,11 @@ def _single_model_loss(net, data, bags, mean, std):
     return torch.nn.functional.binary_cross_entropy_with_logits(logits, data.labels[bags].double())
 
 
-@pytest.mark.parametrize("max_padding", [None, -1], ids=["padded", "bucketed"])
+@pytest.mark.parametrize(("layout", "max_padding"), [("packed", None), ("padded", None), ("padded", -1),
+                                                     ("padded-v1", None), ("auto", 500)],
+                         ids=["packed", "padded", "bucketed", "padded-v1", "auto"])
 @pytest.mark.parametrize("pool", POOLS)
-def test_batched_models_match_each_model_alone_float64(pool, max_padding):
+def test_batched_models_match_each_model_alone_float64(pool, layout, max_padding):
     """Stacked models, each on its own packed bags (length-sorted chunks, vmapped pooling), give every model the
     loss and gradients it has alone; and a mini-batch's gradient is the mean of the one-bag-at-a-time ones."""
     data = load_mil_bags("musk2")  # bags of 2 to 1044 instances: several chunks
@@ -139,7 +141,7 @@ def test_batched_models_match_each_model_alone_float64(pool, max_padding):
     models = [MilNet(data.features.shape[1], pool, cfg).double() for _ in plans]
     mean = torch.stack([p.mean for p in plans]).double()
     std = torch.stack([p.std for p in plans]).double()
-    batch = BatchedMil(models, mean, std, chunk_cost=32, max_padding=max_padding)
+    batch = BatchedMil(models, mean, std, chunk_cost=32, max_padding=max_padding, pool_layout=layout)
     bags = torch.stack([p.train[i : i + 3] for i, p in enumerate(plans)])  # [M, 3]
     losses = batch.loss(data, bags)
     losses.sum().backward()
@@ -150,10 +152,11 @@ def test_batched_models_match_each_model_alone_float64(pool, max_padding):
         one_at_a_time = [torch.autograd.grad(_single_model_loss(net, data, bags[m][j : j + 1], mean[m], std[m]),
                                              list(net.parameters()), allow_unused=True) for j in range(3)]
         for (name, _), g, *singles in zip(net.named_parameters(), grads, *one_at_a_time, strict=True):
+            grad = batch.params[name].grad
             if g is None:  # e.g. a key bias under a softmax, which cancels it
-                assert batch.params[name].grad is None or not batch.params[name].grad[m].any()
+                assert grad is None or not batch.module_layout(name, grad)[m].any()
                 continue
-            torch.testing.assert_close(batch.params[name].grad[m], g, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(batch.module_layout(name, grad)[m], g, rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(sum(singles) / 3, g, rtol=1e-10, atol=1e-12)
 
 
@@ -180,25 +183,45 @@ def test_fused_adam_on_stacked_models_is_each_models_adam():
             o.step()
     for m, net in enumerate(models):
         for name, p in net.named_parameters():
-            torch.testing.assert_close(batch.params[name][m].detach(), p.detach(), rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(batch.module_layout(name, batch.params[name])[m].detach(), p.detach(), rtol=1e-9,
+                                       atol=1e-12)
 
 
 @pytest.mark.parametrize("p", [0.5, 0.2, 0.0])
-def test_byte_dropout_zeroes_a_fraction_p_and_scales_the_rest(p):
+def test_relu_byte_dropout_is_relu_then_dropout_of_a_fraction_p(p):
     torch.manual_seed(0)
-    h = torch.rand(64, 1000, dtype=torch.float64).add_(0.5).requires_grad_()
-    y = byte_dropout(h, p)
+    h = torch.randn(64, 1000, dtype=torch.float64).requires_grad_()
+    y = relu_byte_dropout(h, p)
+    positive = h > 0
     kept = y != 0
+    assert not (kept & ~positive).any()  # the ReLU: nothing negative passes
     q = round(256 * p) / 256  # the probability actually used
-    # 64,000 Bernoulli draws: the zeroed fraction is within 5 standard deviations of q
-    assert abs((1 - kept.double().mean().item()) - q) <= 5 * (q * (1 - q) / h.numel()) ** 0.5 + 1e-12
+    # ~32,000 Bernoulli draws on the positive entries: the zeroed fraction is within 5 standard deviations of q
+    dropped = 1 - kept[positive].double().mean().item()
+    assert abs(dropped - q) <= 5 * (q * (1 - q) / int(positive.sum())) ** 0.5 + 1e-12
     torch.testing.assert_close(y[kept], h[kept] / (1 - p), rtol=1e-15, atol=0)
+    assert not y[~kept].any()
     y.sum().backward()
     torch.testing.assert_close(h.grad, kept.double() / (1 - p), rtol=1e-15, atol=0)
     if p:  # fresh draws per call, and columns not tied to one another (bytes of one int64 draw are independent)
-        assert not torch.equal(byte_dropout(h, p) != 0, kept)
-        pairs = kept[:, 0::2].double().flatten(), kept[:, 1::2].double().flatten()
+        assert not torch.equal(relu_byte_dropout(h, p) != 0, kept)
+        everything = torch.ones(64, 1000, dtype=torch.float64)
+        keep = relu_byte_dropout(everything, p) != 0
+        pairs = keep[:, 0::2].double().flatten(), keep[:, 1::2].double().flatten()
         assert abs(torch.corrcoef(torch.stack(pairs))[0, 1].item()) < 0.03
+
+
+def test_relu_byte_dropout_gives_the_values_of_relu_then_the_unfused_mask():
+    """Same generator state, same bytes: the fused op equals relu, then ``h * keep / (1 - p)`` with the mask those
+    bytes give, so runs from before the fusion keep their numbers."""
+    h = torch.randn(3, 37, 11)
+    torch.manual_seed(5)
+    fused = relu_byte_dropout(h, 0.5)
+    torch.manual_seed(5)
+    n = h.numel()
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64)
+    keep = words.view(torch.uint8)[:n].view(h.shape) >= 128
+    assert torch.equal(fused, h.relu() * keep * 2.0)
 
 
 def test_auc_and_chunks():
@@ -223,7 +246,7 @@ def test_quick_run_through_the_cli(tmp_path):
         assert (out / f).stat().st_size > 0
     res = json.loads((out / "results.json").read_text())
     assert res["complete"] and res["folds"] == 2 and res["repeats"] == 1
-    musk1 = res["results"]["paper"]["musk1"]
+    musk1 = res["results"]["paper-no-es"]["musk1"]
     assert set(musk1) == {"attention", "mean"}
     for pool in ("attention", "mean"):
         assert len(musk1[pool]["accuracy"]) == 2
@@ -245,9 +268,9 @@ def test_parallel_jobs_give_the_same_results(tmp_path):
                          "--out", str(out)]) == 0
         runs[jobs] = json.loads((out / "results.json").read_text())
     for pool in ("attention", "mean"):
-        a, b = (runs[j]["results"]["paper"]["musk1"][pool] for j in (1, 2))
+        a, b = (runs[j]["results"]["paper-no-es"]["musk1"][pool] for j in (1, 2))
         assert a["accuracy"] == b["accuracy"] and a["auc"] == b["auc"] and a["epochs_run"] == b["epochs_run"]
-    assert list(runs[2]["results"]["paper"]["musk1"]) == ["attention", "mean"]
+    assert list(runs[2]["results"]["paper-no-es"]["musk1"]) == ["attention", "mean"]
 
 
 def test_dropout_options_change_only_the_masks_and_reproduce(tmp_path):
@@ -258,7 +281,7 @@ def test_dropout_options_change_only_the_masks_and_reproduce(tmp_path):
         assert cli.main(["repro", "mil", "--quick", "--pools", "attention", "--epochs", "3", "--no-progress",
                          "--out", str(out), *extra]) == 0
         res = json.loads((out / "results.json").read_text())
-        return res["results"]["paper"]["musk1"]["attention"], (out / "results.md").read_text()
+        return res["results"]["paper-no-es"]["musk1"]["attention"], (out / "results.md").read_text()
 
     seed1, text1 = run("s1", "--dropout-seed", "1")
     again, _ = run("s1b", "--dropout-seed", "1")

