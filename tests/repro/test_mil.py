@@ -25,6 +25,7 @@ from attnpool.repro.mil import (
     auc,
     chunk_bounds,
     fold_standardizer,
+    packed_linear_relu_dropout,
     plan_folds,
     relu_byte_dropout,
     stratified_kfold,
@@ -185,6 +186,9 @@ def test_fused_adam_on_stacked_models_is_each_models_adam():
         for name, p in net.named_parameters():
             torch.testing.assert_close(batch.module_layout(name, batch.params[name])[m].detach(), p.detach(), rtol=1e-9,
                                        atol=1e-12)
+    # MUSK1's 166 features run padded to 168: the first layer's zero rows for the padding stay exactly zero
+    assert (batch.in_dim, batch.in_padded) == (166, 168)
+    assert not batch.params["embed.0.weight"][:, 166:].any()
 
 
 @pytest.mark.parametrize("p", [0.5, 0.2, 0.0])
@@ -222,6 +226,39 @@ def test_relu_byte_dropout_gives_the_values_of_relu_then_the_unfused_mask():
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64)
     keep = words.view(torch.uint8)[:n].view(h.shape) >= 128
     assert torch.equal(fused, h.relu() * keep * 2.0)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.2, 0.0])
+def test_packed_linear_relu_dropout_is_each_models_layer_float64(p):
+    """Per-model linear layers on packed row blocks (one of them empty) + ReLU + byte dropout, as one autograd node:
+    the values and gradients of each model's own ``relu_byte_dropout(x_j @ w_j + b_j)`` under the same draws, and
+    gradcheck passes with the draws fixed."""
+    g = torch.Generator().manual_seed(0)
+    bounds = [(0, 5), (5, 5), (5, 17), (17, 20)]
+    x = torch.randn(20, 6, dtype=torch.float64, generator=g).requires_grad_()
+    w = torch.randn(4, 6, 5, dtype=torch.float64, generator=g).requires_grad_()
+    b = torch.randn(4, 5, dtype=torch.float64, generator=g).requires_grad_()
+    grad = torch.randn(20, 5, dtype=torch.float64, generator=g)
+
+    def fused(*args):
+        torch.manual_seed(7)
+        return packed_linear_relu_dropout(*args, bounds, p)
+
+    def each_model(x, w, b):
+        h = torch.cat([x[s:e] @ w[j] + b[j] for j, (s, e) in enumerate(bounds)])
+        torch.manual_seed(7)
+        return relu_byte_dropout(h, p) if p else h.relu()
+
+    y, y_ref = fused(x, w, b), each_model(x, w, b)
+    assert y.eq(0).any() and y.ne(0).any()
+    torch.testing.assert_close(y, y_ref, rtol=1e-14, atol=1e-14)
+    for a, r in zip(torch.autograd.grad(y, (x, w, b), grad), torch.autograd.grad(y_ref, (x, w, b), grad),
+                    strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-14, atol=1e-14)
+    assert torch.autograd.gradcheck(fused, (x, w, b))
+    # an input that needs no gradient gets none, and the others are still right
+    dw, = torch.autograd.grad(fused(x.detach(), w, b), (w,), grad)
+    torch.testing.assert_close(dw, torch.autograd.grad(each_model(x.detach(), w, b), (w,), grad)[0])
 
 
 def test_auc_and_chunks():

@@ -16,9 +16,9 @@ only; accuracy reported as mean ± std over the 50 test folds, plus AUC.
 Training. The 50 fold models of one pooling are trained *at the same time* as one batched model
 (:class:`BatchedMil`): at each step every model takes ``B`` bags of its own training set (the paper: ``B = 1``; the
 default recipes: 8), and each model's updates are exactly those of training it alone (the loss is the sum of the
-models' losses, parameters are stacked ``[M, ...]``, and one fused Adam is element-wise). The instance MLP runs as
-batched matmuls on each model's packed bags, the models sorted by instance count and cut into chunks padded to
-their own largest count; the pooling is the attnpool module itself, through ``functional_call``: one
+models' losses, parameters are stacked ``[M, ...]``, and one fused Adam is element-wise). The instance MLP runs on
+every model's bags packed one after the other, one matmul per model and layer with no padding
+(:func:`packed_linear_relu_dropout`); the pooling is the attnpool module itself, through ``functional_call``: one
 :func:`torch.func.vmap` call over every model on padded bags with a mask, or, where that would be mostly padding
 (MUSK2), one call per model on its bags packed (``lengths``); each bag keeps its own softmax either way (see
 :class:`BatchedMil`'s ``pool_layout``). Evaluation and the explanations use the ordinary single-model path on
@@ -64,6 +64,7 @@ __all__ = [
     "fold_standardizer",
     "main",
     "make_pool",
+    "packed_linear_relu_dropout",
     "relu_byte_dropout",
     "run_dataset",
     "stratified_kfold",
@@ -259,42 +260,106 @@ class MilNet(nn.Module):
         return self.classifier(self.pool(h, lengths=lengths)).squeeze(-1)
 
 
+def _dropout_multiplier(shape: torch.Size, p: float, device: torch.device) -> Tensor:
+    """Inverted dropout's per-element factor, 0 with probability ``round(256 p) / 256`` and ``1/(1-p)`` otherwise:
+    one random byte per element (the bits of uniform int64 draws) against ``round(256 p)``.
+
+    Bool tensors make CPU elementwise kernels slow (``x * bool``: 26 ms, ``x * float``: 2.9 ms on 6.7M floats), so
+    for ``p = 0.5`` the factor is built from byte shifts alone, as ``uint8`` {0, 2}: the top bit of each byte,
+    shifted to the value 2."""
+    n = math.prod(shape)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=device)
+    random_bytes = words.view(torch.uint8)[:n].view(shape)
+    threshold = round(256 * p)
+    if threshold == 128:
+        return (random_bytes >> 7).bitwise_left_shift_(1)
+    return torch.mul(random_bytes >= threshold, 1.0 / (1.0 - p))
+
+
 class _ReluByteDropout(torch.autograd.Function):
-    """``relu`` then inverted dropout as one multiplication by a float mask of {0, 1/(1-p)}, saved for backward."""
+    """``relu`` then inverted dropout, as ``relu(h * factor)`` with ``factor`` in {0, 1/(1-p)} (equal to
+    ``relu(h) * factor`` because ``factor >= 0``). Only the output is saved: the gradient is ``grad / (1-p)`` where
+    the output is positive and 0 elsewhere, and the output is kept alive anyway as the next layer's input."""
 
     @staticmethod
     def forward(ctx: Any, h: Tensor, p: float) -> Tensor:
-        n = h.numel()
-        words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=h.device)
-        random_bytes = words.view(torch.uint8)[:n].view(h.shape)
-        threshold = round(256 * p)
-        # Bool tensors make CPU elementwise kernels slow (x * bool: 26 ms, x * float: 2.9 ms on 6.7M floats; a bool
-        # to float conversion costs 3x a shift of bytes), so the mask is built from byte shifts and float passes.
-        if threshold == 128:  # p = 0.5: a byte is >= 128 iff its top bit is set
-            scale = (random_bytes >> 7).to(h.dtype).mul_(2.0)
-        else:
-            scale = (random_bytes >= threshold).to(h.dtype).mul_(1.0 / (1.0 - p))
-        scale.mul_(h.sign()).clamp_min_(0.0)  # and 0 where h <= 0: the ReLU
-        ctx.save_for_backward(scale)
-        return h * scale
+        out = h.mul(_dropout_multiplier(h.shape, p, h.device)).relu_()
+        ctx.keep_scale = 1.0 / (1.0 - p)
+        ctx.save_for_backward(out)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        (scale,) = ctx.saved_tensors
-        return grad * scale, None
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(grad, out, 0).mul_(ctx.keep_scale), None
 
 
 def relu_byte_dropout(h: Tensor, p: float) -> Tensor:
     """``relu(h)`` followed by inverted dropout (every element zeroed with probability ``p``, the rest scaled by
     ``1/(1-p)``), with ``p`` rounded to a multiple of 1/256, exact for the recipes' 0.5.
 
-    The keep mask compares one random byte per element with ``round(256 p)``; the bytes are the bits of uniform
-    int64 draws. On CPU this is ~3.5x faster than ``F.dropout`` (whose Bernoulli sampling draws one double per
-    element: 14.5 against 4.0 ms on 1.8M floats, 1 thread, an Intel Xeon VM), and fusing the ReLU into the mask
-    makes relu + dropout forward and backward one float multiplication each (51 -> 16 ms on 6.7M floats). The
-    values are those of ``relu`` then ``h * keep / (1 - p)`` (up to the sign of zeros).
+    The keep mask compares one random byte per element with ``round(256 p)`` (:func:`_dropout_multiplier`). On CPU
+    this is ~3.5x faster than ``F.dropout`` (whose Bernoulli sampling draws one double per element: 14.5 against
+    4.0 ms on 1.8M floats, 1 thread, an Intel Xeon VM), and the ReLU rides on the same multiplication. The values
+    are those of ``relu`` then ``h * keep / (1 - p)`` (up to the sign of zeros).
     """
     return _ReluByteDropout.apply(h, p)
+
+
+class _PackedLinearReluDropout(torch.autograd.Function):
+    """Rows ``bounds[j]`` of ``x`` times ``w[j]`` plus ``b[j]`` for every model ``j``, then ``relu`` and inverted
+    byte dropout ``p`` over all the rows at once, as one autograd node (see :func:`packed_linear_relu_dropout`)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor, bounds: list[tuple[int, int]], p: float) -> Tensor:
+        out = x.new_empty(x.shape[0], w.shape[2])
+        for j, (start, end) in enumerate(bounds):
+            torch.addmm(b[j], x[start:end], w[j], out=out[start:end])
+        if p:
+            out.mul_(_dropout_multiplier(out.shape, p, out.device))
+        out.relu_()
+        ctx.bounds, ctx.keep_scale = bounds, 1.0 / (1.0 - p)
+        ctx.save_for_backward(x, w, out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+        x, w, out = ctx.saved_tensors
+        c = ctx.keep_scale
+        g = torch.ops.aten.threshold_backward(grad, out, 0)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = torch.empty_like(x) if need_x else None
+        dw = torch.empty_like(w) if need_w else None
+        db = w.new_empty(w.shape[0], w.shape[2]) if need_b else None
+        w_scaled = w * c if need_x and c != 1.0 else w  # 1/(1-p) on the small weight, not on the [R, N] gradient
+        for j, (start, end) in enumerate(ctx.bounds):
+            g_j = g[start:end]
+            if dx is not None:
+                torch.mm(g_j, w_scaled[j].T, out=dx[start:end])
+            if dw is not None:
+                torch.mm(x[start:end].T, g_j, out=dw[j])
+            if db is not None:
+                torch.sum(g_j, 0, out=db[j])
+        if c != 1.0:
+            for t in (dw, db):
+                if t is not None:
+                    t.mul_(c)
+        return dx, dw, db, None, None
+
+
+def packed_linear_relu_dropout(x: Tensor, w: Tensor, b: Tensor, bounds: Sequence[tuple[int, int]],
+                               p: float = 0.0) -> Tensor:
+    """``M`` linear layers over packed rows: ``relu(x[s_j:e_j] @ w[j] + b[j])`` for every model ``j`` with
+    ``(s_j, e_j) = bounds[j]``, then inverted dropout with probability ``p`` (``relu_byte_dropout``'s draws).
+
+    ``x`` ``[R, K]`` holds each model's rows one block after the other, ``w`` ``[M, K, N]``, ``b`` ``[M, N]``;
+    returns ``[R, N]``. No row is padded: one matmul per model where a batched matmul would pad every model to the
+    longest (15 % more rows on MUSK2, 28-39 % on MUSK1 and ELEPHANT), and the per-model matmuls even run faster per
+    row than a batched one (an AMD EPYC VM, 1 thread, 50 models of 300-800 rows, K = 168, N = 256: 28 ms forward
+    against 51 for the padded ``bmm``). The ReLU and the dropout run once over all rows, in place; the backward
+    applies the ReLU's mask once and folds ``1/(1-p)`` into the weights and the weight gradients.
+    """
+    return _PackedLinearReluDropout.apply(x, w, b, list(bounds), float(p))
 
 
 def chunk_bounds(sorted_lengths: Sequence[int], chunk_cost: int) -> list[tuple[int, int]]:
@@ -333,9 +398,10 @@ class BatchedMil:
     * ``"padded"``: every model's bags in one vmapped call on padded bags + mask, or, when that wastes more than
       ``max_padding`` padded rows (``None``: never), in length buckets;
     * ``"auto"`` (default): ``"padded"`` when padding every bag of a step to its longest wastes at most
-      ``max_padding`` rows, else ``"packed"`` (MUSK1 and ELEPHANT, bags of at most 40 instances: padded: a
-      training step of ELEPHANT's 50 attention models takes 40 ms against 56 packed; MUSK2, 1 to 1044: packed,
-      246 against 370 ms padded; one thread of an Intel Xeon VM);
+      ``max_padding`` rows, else ``"packed"`` (MUSK1 and ELEPHANT, bags of at most 40 instances: padded, a
+      training step of ELEPHANT's 50 attention models taking 38-44 ms against 54-57 packed; MUSK2, 1 to 1044:
+      packed, gated attention 208-222 ms against 235 padded, attention and PMA about even; medians over 20-60
+      steps, one thread of an AMD EPYC (Zen 5) VM, 2026-12-03);
     * ``"padded-v1"``: ``"padded"`` exactly as the runs before 2026-12-03 computed it, to reproduce their numbers
       (``[M, out, in]`` weights, chunk cost 2048, chunks always in sorted order: the order and the chunking decide
       which dropout draws a model gets, and the weight layout the matmul's rounding).
@@ -360,16 +426,27 @@ class BatchedMil:
         self.num_models = len(models)
         params, buffers = stack_module_state(list(models))
         self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-        # The packed layout keeps the MLP's weights as [M, in, out], the operand layout of its batched matmuls: their
-        # gradients then come out in that layout, where [M, out, in] weights cost a transposing copy of every weight
-        # gradient per step (7.6 ms of a 55 ms ELEPHANT step for the first layer). The padded layout keeps
-        # "padded-v1" keeps nn.Linear's [M, out, in], as the earlier runs had it.
+        # The MLP's weights are kept as [M, in, out], the operand layout of its matmuls: their gradients then come
+        # out in that layout, where [M, out, in] weights cost a transposing copy of every weight gradient per step
+        # (7.6 ms of a 55 ms ELEPHANT step for the first layer). "padded-v1" keeps nn.Linear's [M, out, in], as the
+        # earlier runs had it.
         self.weights_in_out = not self.legacy
         self.linear_keys = [(f"embed.{i}.weight", f"embed.{i}.bias")
                             for i, m in enumerate(self.template.embed) if isinstance(m, nn.Linear)]
         if self.weights_in_out:
             for wk, _ in self.linear_keys:
                 self.params[wk] = self.params[wk].detach().transpose(1, 2).contiguous().requires_grad_(True)
+        # The input features are padded with zero columns to a multiple of 8, and the first layer's weight with zero
+        # rows: an inner dimension of 166 (MUSK) or 230 (ELEPHANT) ran a batched matmul at ~75 GFLOP/s, 168 or 232
+        # at ~95 (one thread of an Intel Xeon VM). The zero rows get zero gradients, so Adam and the weight
+        # decay leave them at zero and every result is that of the unpadded network.
+        self.in_dim = data_dim = int(mean.shape[1])
+        self.in_padded = data_dim if self.legacy else -(-data_dim // 8) * 8
+        first = self.linear_keys[0][0]
+        if self.in_padded > data_dim:
+            w = self.params[first].detach()
+            self.params[first] = torch.cat(
+                [w, w.new_zeros(w.shape[0], self.in_padded - data_dim, w.shape[2])], 1).requires_grad_(True)
         self.buffers = buffers
         self.mean, self.std = mean, std
         self.dropout = next((m.p for m in self.template.embed if isinstance(m, nn.Dropout)), 0.0)
@@ -392,6 +469,8 @@ class BatchedMil:
 
     def module_layout(self, name: str, value: Tensor) -> Tensor:
         """``value`` (the stacked parameter ``name``, or its gradient) in :class:`MilNet`'s layout ``[M, ...]``."""
+        if name == self.linear_keys[0][0]:
+            value = value[:, : self.in_dim] if self.weights_in_out else value[..., : self.in_dim]
         if self.weights_in_out and any(name == wk for wk, _ in self.linear_keys):
             return value.transpose(1, 2)
         return value
@@ -401,45 +480,44 @@ class BatchedMil:
         """Logits ``[m, B]``: model ``models[j]`` (default: every model) on its bags ``bags[j]`` (``[m, B]``, or
         ``[m]`` for one bag each, giving ``[m]``).
 
-        Each model's bags are packed one after the other for the instance MLP, whose batched matmul runs on the
-        models sorted by their instance count and cut into chunks (:func:`chunk_bounds`), each padded to its own
-        largest count: little is wasted on padding, and one huge bag does not make every model pad to its size.
-        The pooling then sees each bag as its own set (padded + mask), so each bag keeps its own softmax. Padding
-        never changes a result: padded rows are masked out of the pooling and get no gradient.
-        ``chunk_cost=0`` runs every model in one chunk.
+        Each model's bags are packed one after the other for the instance MLP, which runs on those packed rows
+        (:func:`packed_linear_relu_dropout`). The pooling then sees each bag as its own set (packed, or padded +
+        mask, see ``pool_layout``), so each bag keeps its own softmax. Padding never changes a result: padded rows
+        are masked out of the pooling and get no gradient.
+
+        ``"padded-v1"`` runs the MLP as the earlier runs did: a batched matmul on the models sorted by their
+        instance count and cut into chunks (:func:`chunk_bounds`; ``chunk_cost=0``: one chunk), each padded to its
+        own largest count.
         """
         single = bags.dim() == 1
         bags = bags.unsqueeze(1) if single else bags
         idx = torch.arange(self.num_models) if models is None else models
-        totals = data.lengths[bags].sum(1)
-        order = totals.argsort(stable=True)
-        bounds = chunk_bounds(totals[order].tolist(), self.chunk_cost if chunk_cost is None else chunk_cost)
-        # One chunk of every model: any order will do, so keep theirs and skip the gather (not for "padded-v1",
-        # whose runs drew each model's dropout masks at its place in the sorted order).
-        if len(bounds) == 1 and models is None and not self.legacy:
-            order = torch.arange(self.num_models)
-            chunk_params = {k: (v,) for k, v in params.items()}
-        else:
-            # One gather per parameter, then split: the backward is one scatter and one concatenation per
-            # parameter, where gathering each chunk's models separately zero-filled a full-size gradient per chunk
-            # (15 % of a MUSK2 step)
-            sizes = [b - a for a, b in bounds]
-            chunk_params = {k: v.index_select(0, idx[order]).split(sizes) for k, v in params.items()}
-        chosen = idx[order]
         lengths = data.lengths[bags]
         packed = self.pool_layout == "packed" or (
             self.pool_layout == "auto" and self.max_padding is not None
             and lengths.numel() * int(lengths.max()) - int(lengths.sum()) > self.max_padding)
-        pieces = [self._forward_chunk({k: v[c] for k, v in chunk_params.items()}, data, bags[order[a:b]],
-                                      chosen[a:b], training, packed)
+        if not self.legacy:
+            p = params if models is None else {k: v.index_select(0, models) for k, v in params.items()}
+            out = self._forward_models(p, data, bags, idx, training, packed)
+            return out.squeeze(1) if single else out
+        totals = lengths.sum(1)
+        order = totals.argsort(stable=True)
+        bounds = chunk_bounds(totals[order].tolist(), self.chunk_cost if chunk_cost is None else chunk_cost)
+        # One gather per parameter, then split: the backward is one scatter and one concatenation per parameter,
+        # where gathering each chunk's models separately zero-filled a full-size gradient per chunk
+        sizes = [b - a for a, b in bounds]
+        chunk_params = {k: v.index_select(0, idx[order]).split(sizes) for k, v in params.items()}
+        chosen = idx[order]
+        pieces = [self._forward_models({k: v[c] for k, v in chunk_params.items()}, data, bags[order[a:b]],
+                                       chosen[a:b], training, packed)
                   for c, (a, b) in enumerate(bounds)]
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.shape[0])
         out = torch.cat(pieces)[inverse]
         return out.squeeze(1) if single else out
 
-    def _forward_chunk(self, p: dict[str, Tensor], data: MilBags, bags: Tensor, models: Tensor,
-                       training: bool, packed: bool) -> Tensor:
+    def _forward_models(self, p: dict[str, Tensor], data: MilBags, bags: Tensor, models: Tensor,
+                        training: bool, packed: bool) -> Tensor:
         """Logits ``[m, B]`` of models ``models`` (whose parameters ``p`` are, stacked in that order) on their
         bags ``bags`` ``[m, B]``, pooled packed (one call per model) or padded."""
         m, nb = bags.shape
@@ -450,78 +528,88 @@ class BatchedMil:
         pos_in_set = torch.arange(set_of_row.shape[0]) - set_start[set_of_row]
         model_of_row = set_of_row // nb
         totals = lengths.sum(1)
-        pos_in_model = torch.arange(set_of_row.shape[0]) - (torch.cumsum(totals, 0) - totals)[model_of_row]
-        rows = data.offsets[bags.flatten()][set_of_row] + pos_in_set
+        instance = data.offsets[bags.flatten()][set_of_row] + pos_in_set
+        source_row = models[model_of_row] * data.features.shape[0] + instance  # in _standardized's rows
+        if self.legacy:
+            h = self._mlp_padded_v1(p, data, source_row, model_of_row, totals, training)
+        else:
+            h = self._standardized(data)[source_row]  # [R, F]
+            ends = torch.cumsum(totals, 0).tolist()
+            bounds = list(zip([0, *ends[:-1]], ends, strict=True))
+            fused_dropout = self.dropout if training and self.dropout_impl == "bytes" else 0.0
+            for wk, bk in self.linear_keys:
+                h = packed_linear_relu_dropout(h, p[wk], p[bk], bounds, fused_dropout)
+                if training and self.dropout and self.dropout_impl == "torch":
+                    h = F.dropout(h, self.dropout)
+        # h: [R, D], every model's bags one after the other
+        pool_params = {k.removeprefix("pool."): p[k] for k in self.pool_keys}
+        pool_buffers = {k: v.index_select(0, models) for k, v in self.pool_buffers.items()}
+        lmax = int(lengths.max())
+        if packed:
+            z = self._pool_packed(pool_params, pool_buffers, h.split(totals.tolist()), lengths)
+        # bucketing costs a vmapped call per bucket: worth it only when the padding is large in absolute terms
+        elif self.max_padding is not None and m * nb * lmax - int(totals.sum()) > self.max_padding:
+            z = self._pool_bucketed(pool_params, pool_buffers, h, lengths)
+        else:
+            per_bag = h.new_zeros(m, nb, lmax, h.shape[-1]).index_put((model_of_row, set_of_row % nb, pos_in_set), h)
+            mask = torch.arange(lmax) < lengths.unsqueeze(-1)  # [m, B, L]
+            z = self._pool(pool_params, pool_buffers, per_bag, mask)
+        return torch.einsum("mbd,md->mb", z, p["classifier.weight"][:, 0]) + p["classifier.bias"]
+
+    def _mlp_padded_v1(self, p: dict[str, Tensor], data: MilBags, source_row: Tensor, model_of_row: Tensor,
+                       totals: Tensor, training: bool) -> Tensor:
+        """The instance MLP of ``"padded-v1"``: each model's rows padded to the chunk's largest count
+        (``[m, T, F]``), a batched matmul per layer on ``[M, out, in]`` weights; returns the packed rows."""
         standardized = self._standardized(data)
-        n_inst = data.features.shape[0]
-        index = torch.full((m, int(totals.max())), standardized.shape[0] - 1)  # padded rows read the zero row
-        index[model_of_row, pos_in_model] = models[model_of_row] * n_inst + rows
-        h = standardized[index]  # [m, T, F], padded rows ignored below
+        pos_in_model = torch.arange(source_row.shape[0]) - (torch.cumsum(totals, 0) - totals)[model_of_row]
+        index = torch.full((totals.shape[0], int(totals.max())), standardized.shape[0] - 1)  # padding: zero row
+        index[model_of_row, pos_in_model] = source_row
+        h = standardized[index]
         for wk, bk in self.linear_keys:
-            h = torch.baddbmm(p[bk].unsqueeze(1), h, p[wk] if self.weights_in_out else p[wk].transpose(1, 2))
+            h = torch.baddbmm(p[bk].unsqueeze(1), h, p[wk].transpose(1, 2))
             if not (training and self.dropout):
                 h = h.relu()
             elif self.dropout_impl == "bytes":
                 h = relu_byte_dropout(h, self.dropout)
             else:
                 h = F.dropout(h.relu(), self.dropout)
-        lmax = int(lengths.max())
-        pool_params = {k.removeprefix("pool."): p[k] for k in self.pool_keys}
-        pool_buffers = {k: v.index_select(0, models) for k, v in self.pool_buffers.items()}
-        if packed:
-            z = self._pool_packed(pool_params, pool_buffers, h, lengths)
-        # bucketing costs a vmapped call per bucket: worth it only when the padding is large in absolute terms
-        elif self.max_padding is not None and m * nb * lmax - int(totals.sum()) > self.max_padding:
-            z = self._pool_bucketed(pool_params, pool_buffers, h, lengths, model_of_row, pos_in_model)
-        else:
-            z = self._pool_padded(pool_params, pool_buffers, h, lengths, lmax, model_of_row, set_of_row, pos_in_set,
-                                  pos_in_model)
-        return torch.einsum("mbd,md->mb", z, p["classifier.weight"][:, 0]) + p["classifier.bias"]
+        return h[model_of_row, pos_in_model]
 
     def _standardized(self, data: MilBags) -> Tensor:
-        """``[M * N + 1, F]``: model ``k``'s standardized instance ``i`` at row ``k * N + i``, then one zero row.
+        """``[M * N + 1, F_padded]``: model ``k``'s standardized instance ``i`` at row ``k * N + i`` (zero columns
+        after the ``F`` features, see ``in_padded``), then one zero row.
         Standardizing once instead of at every step saves two passes over each step's input; the values are the
         same."""
         if self._standardized_of is None or self._standardized_of[0] is not data.features:
             x = data.features
             rows = ((x.unsqueeze(0) - self.mean[:, None, :]) / self.std[:, None, :]).flatten(0, 1)
-            self._standardized_of = (x, torch.cat([rows, rows.new_zeros(1, x.shape[1])]))
+            rows = F.pad(rows, (0, self.in_padded - x.shape[1]))
+            self._standardized_of = (x, torch.cat([rows, rows.new_zeros(1, rows.shape[1])]))
         return self._standardized_of[1]
 
-    def _pool_packed(self, pool_params: dict[str, Tensor], pool_buffers: dict[str, Tensor], h: Tensor,
-                     lengths: Tensor) -> Tensor:
-        """Each model's bags, the first ``lengths[j].sum()`` rows of ``h[j]``, pooled as one packed batch by the
+    def _pool_packed(self, pool_params: dict[str, Tensor], pool_buffers: dict[str, Tensor],
+                     h: Sequence[Tensor], lengths: Tensor) -> Tensor:
+        """Each model's bags, the rows ``h[j]`` (``[lengths[j].sum(), D]``), pooled as one packed batch by the
         module with model ``j``'s pooling parameters: no padding to any bag's length, and the module's own ragged
         path. ``[m, B, D]``."""
         params = {k: v.unbind(0) for k, v in pool_params.items()}  # unbind: one backward for all the models
         buffers = {k: v.unbind(0) for k, v in pool_buffers.items()}
         pool = self.template.pool
         out = []
-        for j, (h_j, len_j) in enumerate(zip(h.unbind(0), lengths, strict=True)):
+        for j, (h_j, len_j) in enumerate(zip(h, lengths, strict=True)):
             p_j = {k: v[j] for k, v in params.items()}
             b_j = {k: v[j] for k, v in buffers.items()}
-            out.append(functional_call(pool, (p_j, b_j), (h_j[: int(len_j.sum())],), {"lengths": len_j}))
+            out.append(functional_call(pool, (p_j, b_j), (h_j,), {"lengths": len_j}))
         return torch.stack(out)
 
-    def _pool_padded(self, pool_params: dict[str, Tensor], pool_buffers: dict[str, Tensor], h: Tensor,
-                     lengths: Tensor, lmax: int, model_of_row: Tensor, set_of_row: Tensor, pos_in_set: Tensor,
-                     pos_in_model: Tensor) -> Tensor:
-        """Every model's bags as padded ``[m, B, L_max, D]`` + mask, pooled by the vmapped module in one call."""
-        m, nb = lengths.shape
-        per_bag = h.new_zeros(m, nb, lmax, h.shape[-1])
-        per_bag = per_bag.index_put((model_of_row, set_of_row % nb, pos_in_set), h[model_of_row, pos_in_model])
-        mask = torch.arange(lmax) < lengths.unsqueeze(-1)  # [m, B, L]
-        return self._pool(pool_params, pool_buffers, per_bag, mask)  # type: ignore[no-any-return]
-
-    def _pool_bucketed(self, pool_params: dict[str, Tensor], pool_buffers: dict[str, Tensor], h: Tensor,
-                       lengths: Tensor, model_of_row: Tensor, pos_in_model: Tensor) -> Tensor:
+    def _pool_bucketed(self, pool_params: dict[str, Tensor], pool_buffers: dict[str, Tensor], rows: Tensor,
+                       lengths: Tensor) -> Tensor:
         """Every (model, bag) pair as its own set, the pairs sorted by bag size and cut into buckets
         (:func:`chunk_bounds`), each bucket padded only to its own longest bag and pooled by the module vmapped over
         the pairs, each with its model's pooling parameters. Used when one long bag would make the model-major
         padded layout mostly padding (MUSK2: bags of 1 to 1044 instances)."""
         m, nb = lengths.shape
         pair_len = lengths.flatten()
-        rows = h[model_of_row, pos_in_model]  # packed, pair after pair (model-major, bag order)
         pair_start = torch.cumsum(pair_len, 0) - pair_len
         order = pair_len.argsort(stable=True)
         pieces = []
