@@ -228,7 +228,7 @@ def test_relu_byte_dropout_gives_the_values_of_relu_then_the_unfused_mask():
     assert torch.equal(fused, h.relu() * keep * 2.0)
 
 
-@pytest.mark.parametrize("p", [0.5, 0.2, 0.0])
+@pytest.mark.parametrize("p", [0.5, 0.3, 0.0])
 def test_packed_linear_relu_dropout_is_each_models_layer_float64(p):
     """Per-model linear layers on packed row blocks (one of them empty) + ReLU + byte dropout, as one autograd node:
     the values and gradients of each model's own ``relu_byte_dropout(x_j @ w_j + b_j)`` under the same draws, and

@@ -260,7 +260,7 @@ class MilNet(nn.Module):
         return self.classifier(self.pool(h, lengths=lengths)).squeeze(-1)
 
 
-def _dropout_multiplier(shape: torch.Size, p: float, device: torch.device) -> Tensor:
+def _dropout_multiplier(shape: torch.Size, p: float, like: Tensor) -> Tensor:
     """Inverted dropout's per-element factor, 0 with probability ``round(256 p) / 256`` and ``1/(1-p)`` otherwise:
     one random byte per element (the bits of uniform int64 draws) against ``round(256 p)``.
 
@@ -268,12 +268,12 @@ def _dropout_multiplier(shape: torch.Size, p: float, device: torch.device) -> Te
     for ``p = 0.5`` the factor is built from byte shifts alone, as ``uint8`` {0, 2}: the top bit of each byte,
     shifted to the value 2."""
     n = math.prod(shape)
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=device)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=like.device)
     random_bytes = words.view(torch.uint8)[:n].view(shape)
     threshold = round(256 * p)
     if threshold == 128:
         return (random_bytes >> 7).bitwise_left_shift_(1)
-    return torch.mul(random_bytes >= threshold, 1.0 / (1.0 - p))
+    return (random_bytes >= threshold).to(like.dtype).mul_(1.0 / (1.0 - p))  # 1/(1-p) in the activations' dtype
 
 
 class _ReluByteDropout(torch.autograd.Function):
@@ -283,7 +283,7 @@ class _ReluByteDropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, h: Tensor, p: float) -> Tensor:
-        out = h.mul(_dropout_multiplier(h.shape, p, h.device)).relu_()
+        out = h.mul(_dropout_multiplier(h.shape, p, h)).relu_()
         ctx.keep_scale = 1.0 / (1.0 - p)
         ctx.save_for_backward(out)
         return out
@@ -316,7 +316,7 @@ class _PackedLinearReluDropout(torch.autograd.Function):
         for j, (start, end) in enumerate(bounds):
             torch.addmm(b[j], x[start:end], w[j], out=out[start:end])
         if p:
-            out.mul_(_dropout_multiplier(out.shape, p, out.device))
+            out.mul_(_dropout_multiplier(out.shape, p, out))
         out.relu_()
         ctx.bounds, ctx.keep_scale = bounds, 1.0 / (1.0 - p)
         ctx.save_for_backward(x, w, out)
@@ -406,7 +406,8 @@ class BatchedMil:
       (``[M, out, in]`` weights, chunk cost 2048, chunks always in sorted order: the order and the chunking decide
       which dropout draws a model gets, and the weight layout the matmul's rounding).
 
-    ``chunk_cost``: see :func:`chunk_bounds` (default 1024 rows; 2048 for ``"padded-v1"``).
+    ``chunk_cost``: the per-chunk cost of :func:`chunk_bounds`, for the length buckets of ``"padded"`` and the MLP
+    chunks of ``"padded-v1"`` (default 1024 rows; 2048 for ``"padded-v1"``).
     """
 
     def __init__(self, models: Sequence[MilNet], mean: Tensor, std: Tensor, chunk_cost: int | None = None,
@@ -437,9 +438,9 @@ class BatchedMil:
             for wk, _ in self.linear_keys:
                 self.params[wk] = self.params[wk].detach().transpose(1, 2).contiguous().requires_grad_(True)
         # The input features are padded with zero columns to a multiple of 8, and the first layer's weight with zero
-        # rows: an inner dimension of 166 (MUSK) or 230 (ELEPHANT) ran a batched matmul at ~75 GFLOP/s, 168 or 232
-        # at ~95 (one thread of an Intel Xeon VM). The zero rows get zero gradients, so Adam and the weight
-        # decay leave them at zero and every result is that of the unpadded network.
+        # rows: with an inner dimension of 166 (MUSK) or 230 (ELEPHANT) a batched matmul ran at ~75 GFLOP/s, with
+        # 168 or 232 at ~95 (one thread of an AMD EPYC Zen 5 VM). The zero rows get zero gradients, so Adam and the
+        # weight decay leave them at zero and every result is that of the unpadded network.
         self.in_dim = data_dim = int(mean.shape[1])
         self.in_padded = data_dim if self.legacy else -(-data_dim // 8) * 8
         first = self.linear_keys[0][0]
