@@ -15,7 +15,7 @@ from torch import Tensor
 from attnpool._sets import Sets, as_sets, lengths_to_offsets, segment_ids
 from attnpool.functional.scores import dot_score
 from attnpool.functional.softmax import compute_dtype, masked_softmax, segment_softmax
-from attnpool.kernels import KernelFn, get_kernel, kernel_choice, segment_channel_softmax_pool
+from attnpool.kernels import KernelFn, get_kernel, kernel_choice, segment_channel_softmax_pool, segment_softmax_pool
 
 __all__ = [
     "attention_pool",
@@ -289,21 +289,49 @@ def softmax_pool_sets(
     temperature: float | Tensor = 1.0,
     dropout: float = 0.0,
     training: bool = False,
-) -> tuple[Tensor, Tensor]:
+    need_weights: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """Pool with per-element scores ``[B, L, K]`` padded or ``[N, K]`` packed.
 
+    Packed sets on the CPU go to the fused kernel (:func:`attnpool.kernels.segment_softmax_pool`: one pass, no
+    ``[N, K, Dv]`` temporary) unless attention dropout is active or weights are asked for that must carry gradients;
+    everything else takes the eager path (segment softmax, then a weighted sum).
+
     Returns:
-        ``([B, K, Dv]`` in the compute dtype, weights ``[B, 1, K, L]`` padded or ``[N, 1, K]`` packed).
+        ``([B, K, Dv]`` in the compute dtype, weights ``[B, 1, K, L]`` padded or ``[N, 1, K]`` packed, or None when
+        ``need_weights`` is False).
     """
     check_temperature(temperature)
     values = sets.values if values is None else values
+    if _use_scores_kernel(sets, scores, values, dropout, training, need_weights):
+        assert sets.offsets is not None
+        with torch.autocast(sets.values.device.type, enabled=False):
+            s = scores.to(compute_dtype(scores.dtype)) / temperature
+            out, lse = segment_softmax_pool(values, sets.offsets, s)
+            out = out.to(compute_dtype(values.dtype))
+            if not need_weights:
+                return out, None
+            with torch.no_grad():
+                weights = torch.exp(s - lse.to(s.dtype)[sets.segment_ids()]).unsqueeze(1)
+        return out, weights
     with torch.autocast(sets.values.device.type, enabled=False):
         s = kept_elements(sets, scores) / temperature
         logits = s.transpose(1, 2).unsqueeze(1) if sets.is_padded else s.unsqueeze(1)
         weights = softmax_sets(sets, logits)
         dropped = torch.nn.functional.dropout(weights, dropout, training) if dropout > 0 else weights
         out = weighted_sum_sets(sets, dropped, kept_elements(sets, values))
-    return out, weights
+    return out, weights if need_weights else None
+
+
+def _use_scores_kernel(sets: Sets, scores: Tensor, values: Tensor, dropout: float, training: bool,
+                       need_weights: bool) -> bool:
+    """Whether :func:`softmax_pool_sets` runs the fused given-logits kernel (see there)."""
+    if (sets.is_padded or torch.compiler.is_compiling() or (dropout > 0 and training) or values.shape[0] == 0
+            or values.dim() != 2 or scores.dim() != 2 or scores.shape[1] == 0):
+        return False
+    if need_weights and torch.is_grad_enabled() and (values.requires_grad or scores.requires_grad):
+        return False
+    return get_kernel(values.device.type, values.dtype)[0] == "cpu"
 
 
 def check_channel_t(t: float | Tensor, dim: int, like: Tensor) -> Tensor:
@@ -490,7 +518,8 @@ def softmax_pool(
         isinstance(scores, (list, tuple)) and all(s.dim() == 1 for s in scores))
     if single:
         scores = scores.unsqueeze(-1) if isinstance(scores, Tensor) else [s.unsqueeze(-1) for s in scores]
-    out, weights = softmax_pool_sets(sets, sets.companion(scores, "scores"), temperature=temperature)
+    out, weights = softmax_pool_sets(sets, sets.companion(scores, "scores"), temperature=temperature,
+                                     need_weights=return_weights)
     out = out.to(sets.values.dtype)
     if single:
         out = out.squeeze(1)

@@ -9,8 +9,11 @@ Backends:
 Padded input with many queries (self-attention: SAB, ISAB) goes instead to PyTorch's fused
 ``scaled_dot_product_attention`` (see ``attnpool.functional.pool._use_sdpa``).
 
-A second primitive, :func:`segment_channel_softmax_pool` (every channel with its own softmax, PyG's
-``SoftmaxAggregation``; :class:`attnpool.nn.ChannelSoftmaxPool`), has a reference and a CPU kernel only.
+Two more primitives have a reference and a CPU kernel only: :func:`segment_softmax_pool`, the same pooling with the
+logits given (the packed path of every score that is not a dot product with the rows: gated, additive, a caller's
+own; :class:`attnpool.nn.GatedAttentionPool`, :func:`attnpool.functional.softmax_pool`), and
+:func:`segment_channel_softmax_pool` (every channel with its own softmax, PyG's ``SoftmaxAggregation``;
+:class:`attnpool.nn.ChannelSoftmaxPool`).
 
 The dispatcher picks the fastest available backend for the input's device. One switch overrides it: the
 ``ATTNPOOL_KERNEL`` environment variable, or :func:`use_kernel` (a context manager) /
@@ -35,7 +38,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["available_kernels", "get_kernel", "kernel_choice", "segment_attention_pool",
-           "segment_channel_softmax_pool", "set_kernel", "use_kernel"]
+           "segment_channel_softmax_pool", "segment_softmax_pool", "set_kernel", "use_kernel"]
 
 KernelFn = Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
 _NAMES = ("reference", "cpu", "triton")
@@ -123,3 +126,14 @@ def segment_channel_softmax_pool(x: Tensor, offsets: Tensor, t: Tensor) -> tuple
         return cpu.segment_channel_softmax_pool(x, offsets, t)
     from attnpool.kernels import reference
     return reference.segment_channel_softmax_pool(x, offsets, t)
+
+
+def segment_softmax_pool(x: Tensor, offsets: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Dispatch the given-logits primitive of :mod:`.reference`: the CPU kernel for CPU tensors, else the reference
+    (there is no Triton kernel for it; a forced ``"triton"`` also runs the reference)."""
+    name, _ = get_kernel(x.device.type, x.dtype)
+    if name == "cpu":
+        from attnpool.kernels import cpu
+        return cpu.segment_softmax_pool(x, offsets, scores)
+    from attnpool.kernels import reference
+    return reference.segment_softmax_pool(x, offsets, scores)

@@ -18,6 +18,11 @@ scratch per thread are all.
 in one more pass over ``x`` (two dot products per row and query, then ``dx_i`` written once); the only ``N x D``
 tensor is ``dx`` itself. The gradient with respect to ``lse`` is supported. Double backward is not.
 
+**Given logits.** :func:`segment_softmax_pool` runs the same loops with the logits read from ``scores [N, M]``
+instead of computed as ``scale x_i . q``: the forward's only pass over ``x`` is then the accumulation, which
+prefetches the next block of rows as it goes; the backward computes ``g.x_i`` per row and query and writes ``dx_i =
+sum_m a_im g_m`` and ``ds_im``.
+
 **Work split.** The rows are cut into pieces of about equal size (at least 1024 rows, at most 256 pieces) that the
 threads take dynamically; a set lying in one piece is finished there, and a set cut by piece boundaries (a long set)
 leaves one partial state per piece that a short serial pass merges. A skewed batch (one set of 1M rows beside 10k
@@ -62,13 +67,14 @@ except ImportError:  # not POSIX: concurrent builds then rely on the atomic rena
 import torch
 from torch import Tensor
 
-__all__ = ["build", "is_available", "segment_attention_pool", "segment_channel_softmax_pool", "unavailable_reason"]
+__all__ = ["build", "is_available", "segment_attention_pool", "segment_channel_softmax_pool", "segment_softmax_pool",
+           "unavailable_reason"]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = ("segment_attention_pool.cpp", "segment_attention_pool_impl.h", "channel_softmax_pool_impl.h")
 _CFLAGS = ("-O3", "-std=c++17", "-fPIC", "-fopenmp", "-fvisibility=hidden", "-fno-math-errno")
 _LDFLAGS = ("-shared", "-fopenmp")
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 _lock = threading.Lock()
@@ -168,6 +174,11 @@ def _build_and_load() -> ctypes.CDLL:
     lib.ap_channel_backward.argtypes = [ctypes.c_int, vp, i64, i64, i64, vp, i64, vp, vp, vp, vp, vp, vp,
                                         ctypes.c_int]
     lib.ap_channel_backward.restype = ctypes.c_int
+    lib.ap_scores_forward.argtypes = [ctypes.c_int, vp, i64, i64, i64, vp, i64, vp, i64, vp, vp, ctypes.c_int]
+    lib.ap_scores_forward.restype = ctypes.c_int
+    lib.ap_scores_backward.argtypes = [ctypes.c_int, vp, i64, i64, i64, vp, i64, vp, i64, vp, vp, vp, vp, vp, vp,
+                                       ctypes.c_int]
+    lib.ap_scores_backward.restype = ctypes.c_int
     lib.ap_force_isa.argtypes = [ctypes.c_int]
     lib.ap_force_isa.restype = None
     return lib
@@ -399,3 +410,68 @@ def segment_channel_softmax_pool(x: Tensor, offsets: Tensor, t: Tensor) -> tuple
     if t.device.type != "cpu":
         raise ValueError(f"t: the CPU kernel takes CPU tensors, got device {t.device}")
     return _SegmentChannelSoftmaxPool.apply(x, offsets, t)
+
+
+class _SegmentSoftmaxPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, offsets: Tensor, scores: Tensor):
+        lib = build()
+        cdt = torch.promote_types(x.dtype, torch.float32)
+        xr = _rows(x)
+        n, d = xr.shape
+        b, m = offsets.shape[0] - 1, scores.shape[1]
+        s = scores.detach().to(cdt).contiguous()
+        out = torch.empty(b, m, d, dtype=cdt)
+        lse = torch.empty(b, m, dtype=cdt)
+        status = lib.ap_scores_forward(_DTYPE_CODES[x.dtype], _ptr(xr), xr.stride(0) if n else d, n, d,
+                                       _ptr(offsets), b, _ptr(s), m, _ptr(out), _ptr(lse), torch.get_num_threads())
+        if status:
+            _raise(status, offsets, n)
+        ctx.save_for_backward(xr, offsets, s, out, lse)
+        ctx.scores_dtype = scores.dtype
+        ctx.set_materialize_grads(False)
+        return out.to(x.dtype), lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor | None, grad_lse: Tensor | None):
+        need_x, _, need_s = ctx.needs_input_grad
+        if (grad_out is None and grad_lse is None) or not (need_x or need_s):
+            return None, None, None
+        xr, offsets, s, out, lse = ctx.saved_tensors
+        cdt = s.dtype
+        n, d = xr.shape
+        b, m = offsets.shape[0] - 1, s.shape[1]
+        gout = torch.zeros_like(out) if grad_out is None else grad_out.to(cdt).contiguous()
+        glse = None if grad_lse is None else grad_lse.to(cdt).contiguous()
+        dx = torch.empty(n, d, dtype=xr.dtype) if need_x else None
+        ds = torch.empty(n, m, dtype=cdt) if need_s else None
+        status = build().ap_scores_backward(_DTYPE_CODES[xr.dtype], _ptr(xr), xr.stride(0) if n else d, n, d,
+                                            _ptr(offsets), b, _ptr(s), m, _ptr(out), _ptr(lse), _ptr(gout),
+                                            _ptr(glse), _ptr(dx), _ptr(ds), torch.get_num_threads())
+        if status:
+            _raise(status, offsets, n)
+        return dx, None, None if ds is None else ds.to(ctx.scores_dtype)
+
+
+def segment_softmax_pool(x: Tensor, offsets: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Fused CPU :func:`attnpool.kernels.reference.segment_softmax_pool`: same arguments, results and gradients.
+
+    Args:
+        x: ``[N, D]`` packed rows, float32, float64, float16 or bfloat16 (rows may be strided).
+        offsets: ``[B+1]`` integer, non-decreasing from 0 to N.
+        scores: ``[N, M]`` floating-point logits, one column per softmax (cast to the compute dtype).
+
+    Returns:
+        ``out [B, M, D]`` in ``x.dtype`` and ``lse [B, M]`` (float64 for float64 input, else float32), both
+        differentiable with respect to ``x`` and ``scores``.
+    """
+    offsets, _, _ = _check(x, offsets, x.new_zeros(1, 1, x.shape[1] if x.dim() == 2 else 0), 1.0)
+    if not isinstance(scores, Tensor) or scores.dim() != 2 or scores.shape[0] != x.shape[0]:
+        raise ValueError(f"scores: expected a tensor [N, M] with N = {x.shape[0]}, got "
+                         f"{getattr(scores, 'shape', type(scores).__name__)}")
+    if not scores.is_floating_point():
+        raise TypeError(f"scores: expected a floating-point tensor, got {scores.dtype}")
+    if scores.device.type != "cpu":
+        raise ValueError(f"scores: the CPU kernel takes CPU tensors, got device {scores.device}")
+    return _SegmentSoftmaxPool.apply(x, offsets, scores)

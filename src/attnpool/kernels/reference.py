@@ -13,6 +13,11 @@ and linear key/value projections reduces to this (the projections fold onto the 
 Shapes: ``x [N, D]``, ``offsets [B+1]`` int64, ``query [1 or B, M, D]`` -> ``out [B, M, D]`` in ``x.dtype``,
 ``lse [B, M]`` float32 (float64 for double input). The weights of element ``i`` are ``exp(scale * x_i . q - lse)``.
 
+``segment_softmax_pool(x, offsets, scores)`` is the same pooling with the logits given instead of computed, for
+every score that is not a dot product with the pooled rows (gated, additive, or a caller's own): ``scores [N, M]``
+replaces ``scale * x_i . query[g(b), m]`` in both formulas above, and ``out``/``lse`` have the same shapes. The
+gradient reaches ``x`` through the weighted sum and ``scores`` through the softmax.
+
 ``segment_channel_softmax_pool(x, offsets, t)`` is the per-channel variant (PyG's ``SoftmaxAggregation``): every
 channel ``c`` of every set has its own softmax over the set's scalars ``t_c x_ic``::
 
@@ -31,7 +36,7 @@ from torch import Tensor
 from attnpool._sets import segment_ids
 from attnpool.functional.softmax import compute_dtype
 
-__all__ = ["segment_attention_pool", "segment_channel_softmax_pool"]
+__all__ = ["segment_attention_pool", "segment_channel_softmax_pool", "segment_softmax_pool"]
 
 
 def segment_attention_pool(x: Tensor, offsets: Tensor, query: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -45,15 +50,27 @@ def segment_attention_pool(x: Tensor, offsets: Tensor, query: Tensor, scale: flo
         logits = (xc @ qc[0].T) * scale  # [N, M]
     else:
         logits = torch.einsum("nd,nmd->nm", xc, qc[seg]) * scale
+    return _pool_logits(xc, seg, b, logits, x.dtype)
+
+
+def segment_softmax_pool(x: Tensor, offsets: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    cdt = compute_dtype(x.dtype)
+    n, _ = x.shape
+    b = offsets.shape[0] - 1
+    seg = segment_ids(offsets[1:] - offsets[:-1], n)
+    return _pool_logits(x.to(cdt), seg, b, scores.to(cdt), x.dtype)
+
+
+def _pool_logits(xc: Tensor, seg: Tensor, b: int, logits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     m = logits.new_full((b, logits.shape[1]), float("-inf"))
     m = m.scatter_reduce(0, seg.unsqueeze(1).expand_as(logits), logits.detach(), "amax", include_self=True)
     shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(logits - shift[seg])
     total = logits.new_zeros(b, logits.shape[1]).index_add(0, seg, e)
     w = e / torch.where(total > 0, total, torch.ones_like(total))[seg]
-    out = xc.new_zeros(b, logits.shape[1], x.shape[1]).index_add(0, seg, w.unsqueeze(-1) * xc.unsqueeze(1))
+    out = xc.new_zeros(b, logits.shape[1], xc.shape[1]).index_add(0, seg, w.unsqueeze(-1) * xc.unsqueeze(1))
     lse = torch.log(total) + shift
-    return out.to(x.dtype), lse
+    return out.to(dtype), lse
 
 
 def segment_channel_softmax_pool(x: Tensor, offsets: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:

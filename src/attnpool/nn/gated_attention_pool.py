@@ -60,7 +60,8 @@ class GatedAttentionPool(SetPool):
         sig = self.sigmoid_layer
         scores = gated_score(sets.values, self.tanh_layer.weight, self.tanh_layer.bias,
                              None if sig is None else sig.weight, None if sig is None else sig.bias, self.vector)
-        out, weights = softmax_pool_sets(sets, scores, dropout=self.dropout, training=self.training)
+        out, weights = softmax_pool_sets(sets, scores, dropout=self.dropout, training=self.training,
+                                         need_weights=need_weights)
         out = out.to(sets.values.dtype)
         return (out.squeeze(1) if self.num_branches == 1 else out), weights
 

@@ -61,6 +61,11 @@ int chan_forward_any(int dtype, const void* x, int64_t ldx, int64_t N, int64_t D
 int chan_backward_any(int dtype, const void* x, int64_t ldx, int64_t N, int64_t D, const int64_t* off, int64_t B,
                       const void* t, const void* out, const void* lse, const void* gout, void* dx, void* dt,
                       int64_t P, int nthreads);
+int scores_forward_any(int dtype, const void* x, int64_t ldx, int64_t N, int64_t D, const int64_t* off, int64_t B,
+                       const void* s, int64_t M, void* out, void* lse, int64_t P, int nthreads);
+int scores_backward_any(int dtype, const void* x, int64_t ldx, int64_t N, int64_t D, const int64_t* off, int64_t B,
+                        const void* s, int64_t M, const void* out, const void* lse, const void* gout,
+                        const void* glse, void* dx, void* ds, int64_t P, int nthreads);
 }  // namespace ap_avx2
 #endif
 
@@ -100,7 +105,7 @@ int64_t num_pieces(int64_t N, int64_t M, int64_t D) {
 
 extern "C" {
 
-__attribute__((visibility("default"))) int ap_abi_version() { return 2; }
+__attribute__((visibility("default"))) int ap_abi_version() { return 3; }
 
 // 0: baseline (SSE2 on x86-64), 1: AVX2 + FMA + F16C.
 __attribute__((visibility("default"))) int ap_isa() { return isa(); }
@@ -162,6 +167,36 @@ __attribute__((visibility("default"))) int ap_channel_backward(int dtype, const 
     return ap_avx2::chan_backward_any(dtype, x, ldx, N, D, off, B, t, out, lse, gout, dx, dt, P, nthreads);
 #endif
   return ap_base::chan_backward_any(dtype, x, ldx, N, D, off, B, t, out, lse, gout, dx, dt, P, nthreads);
+}
+
+// Softmax pooling with given logits s [N, M] (compute type, contiguous): out [B, M, D], lse [B, M] as ap_forward
+// with x.q replaced by s; the backward writes dx (may be null) and ds [N, M] (may be null), with gout, glse as in
+// ap_backward.
+__attribute__((visibility("default"))) int ap_scores_forward(int dtype, const void* x, int64_t ldx, int64_t N,
+                                                             int64_t D, const int64_t* off, int64_t B, const void* s,
+                                                             int64_t M, void* out, void* lse, int nthreads) {
+  if (!offsets_ok(off, B, N)) return 1;
+  const int64_t P = num_pieces(N, M, D);
+#if AP_X86
+  if (isa() == 1) return ap_avx2::scores_forward_any(dtype, x, ldx, N, D, off, B, s, M, out, lse, P, nthreads);
+#endif
+  return ap_base::scores_forward_any(dtype, x, ldx, N, D, off, B, s, M, out, lse, P, nthreads);
+}
+
+__attribute__((visibility("default"))) int ap_scores_backward(int dtype, const void* x, int64_t ldx, int64_t N,
+                                                              int64_t D, const int64_t* off, int64_t B,
+                                                              const void* s, int64_t M, const void* out,
+                                                              const void* lse, const void* gout, const void* glse,
+                                                              void* dx, void* ds, int nthreads) {
+  if (!offsets_ok(off, B, N)) return 1;
+  const int64_t P = num_pieces(N, M, D);
+#if AP_X86
+  if (isa() == 1)
+    return ap_avx2::scores_backward_any(dtype, x, ldx, N, D, off, B, s, M, out, lse, gout, glse, dx, ds, P,
+                                        nthreads);
+#endif
+  return ap_base::scores_backward_any(dtype, x, ldx, N, D, off, B, s, M, out, lse, gout, glse, dx, ds, P,
+                                      nthreads);
 }
 
 }  // extern "C"

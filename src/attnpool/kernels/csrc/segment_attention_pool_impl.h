@@ -18,6 +18,12 @@
 // (tiles reading from memory ran up to 2.4x slower: interleaved row streams defeat the hardware prefetchers; the
 // software prefetch alone, one row at a time, did not help). The backward does the same from 8 products per row (its
 // 2 M dot products x.g_m and x.q_m), prefetching while it writes dx. See benchmarks/cpu_kernel_notes.md.
+//
+// Given logits (the scores kernel, s_in): the logits of a block are read from s [N, M] instead of computed, so the
+// forward's one pass over x is the accumulation (with three or more softmaxes it still prefetches the next block; a
+// prefetch for one or two, and accumulating row by row instead of in register tiles, measured no different from
+// noise on a Zen 3 VM); the backward computes only the M products x.g_m and writes ds = a (x.g - c) beside
+// dx = sum_m a_m g_m.
 
 constexpr int kVB = AP_VBYTES;
 constexpr int64_t kBlockRows = 16;  // also the stride of the per-block [K][kBlockRows] coefficient buffers
@@ -463,11 +469,14 @@ template <class A> struct Block {
 template <class A> struct Fwd {
   int kind; const void* x; int64_t ldx, N, D;
   const A* q; int64_t G, M; A scale;
+  const A* s_in = nullptr;  // given logits [N, M] (the scores kernel; q is then unused), else x.q
 
   // Fold rows [rs, re) of set b into the online-softmax state mx[M], sm[M], acc[M*D]. qp: M row pointers.
   void rows(int64_t b, int64_t rs, int64_t re, A* mx, A* sm, A* acc, Block<A>& blk, const A** qp) const {
-    const A* qb = q + (G == 1 ? 0 : b) * M * D;
-    for (int64_t m = 0; m < M; ++m) qp[m] = qb + m * D;
+    if (!s_in) {
+      const A* qb = q + (G == 1 ? 0 : b) * M * D;
+      for (int64_t m = 0; m < M; ++m) qp[m] = qb + m * D;
+    }
     A* lg = blk.logits;
     const bool tiled = M >= kTiledFromQueries;
     const int64_t es = elem_size(kind, sizeof(A));
@@ -477,7 +486,12 @@ template <class A> struct Fwd {
     for (int64_t i0 = rs; i0 < re; i0 += kBlockRows) {
       const int64_t rb = std::min(kBlockRows, re - i0);
       blk.load(kind, x, ldx, i0, rb, D);
-      dots(blk.rowp, rb, qp, M, D, lg, kBlockRows, tiled, prefetch_next);
+      if (s_in) {
+        for (int64_t r = 0; r < rb; ++r)
+          for (int64_t m = 0; m < M; ++m) lg[m * kBlockRows + r] = s_in[(i0 + r) * M + m];
+      } else {
+        dots(blk.rowp, rb, qp, M, D, lg, kBlockRows, tiled, prefetch_next);
+      }
       for (int64_t m = 0; m < M; ++m) {
         A* l = lg + m * kBlockRows;
         A bmax = -INFINITY;
@@ -580,9 +594,10 @@ static inline void finalize(int64_t M, int64_t D, const A* mx, const A* sm, cons
 
 template <class A>
 static int forward(int kind, const void* x, int64_t ldx, int64_t N, int64_t D, const int64_t* off, int64_t B,
-                   const A* q, int64_t G, int64_t M, A scale, A* out, A* lse, int64_t P, int nthreads) {
+                   const A* q, int64_t G, int64_t M, A scale, A* out, A* lse, int64_t P, int nthreads,
+                   const A* s_in = nullptr) {
   const Split sp{off, B, N, P};
-  const Fwd<A> f{kind, x, ldx, N, D, q, G, M, scale};
+  const Fwd<A> f{kind, x, ldx, N, D, q, G, M, scale, s_in};
   const int64_t st = M * (D + 2);  // one partial state: acc[M*D], mx[M], sm[M]
   Scratch<A> slots((size_t)(2 * P * st));
   Scratch<int64_t> slot_set((size_t)(2 * P));
@@ -642,17 +657,20 @@ template <class A> struct Bwd {
   int kind; const void* x; int64_t ldx, N, D;
   const A* q; int64_t G, M; A scale;
   const A* gout; void* dx;  // dx: [N, D] contiguous, in x's element type
+  // The scores kernel: given logits s_in [N, M] instead of x.q (q unused, no dq); ds_out [N, M], if not null,
+  // receives their gradient a (x.g - c), and dx has no q term.
+  const A* s_in = nullptr;
+  A* ds_out = nullptr;
 
   // Rows [rs, re) of set b. lse_b, c: [M]; dq_acc (M*D) accumulates scale ds x when not null. vp: 2M row pointers;
   // cf: 4 * kBlockRows * M coefficients; dxbuf: D (half types only).
   void rows(int64_t b, int64_t rs, int64_t re, const A* lse_b, const A* c, A* dq_acc, Block<A>& blk, const A** vp,
             A* cf, A* dxbuf) const {
-    const A* qb = q + (G == 1 ? 0 : b) * M * D;
     const A* gb = gout + b * M * D;
-    const int64_t K = 2 * M;
+    const int64_t K = s_in ? M : 2 * M;  // the products per row, and the vectors dx combines
     for (int64_t m = 0; m < M; ++m) {  // [g_0 .. g_M-1, q_0 .. q_M-1]: dots give x.g, x.q; combine gives dx
       vp[m] = gb + m * D;
-      vp[M + m] = qb + m * D;
+      if (!s_in) vp[M + m] = q + (G == 1 ? 0 : b) * M * D + m * D;
     }
     A* t = blk.logits;                // [2M][kBlockRows]: x.g then x.q
     A* dsq = cf;                      // [M][kBlockRows]: scale * ds
@@ -675,8 +693,13 @@ template <class A> struct Bwd {
       }
       for (int64_t m = 0; m < M; ++m) {
         const A l = lse_b[m];
-        for (int64_t r = 0; r < ld; ++r)
-          ea[m * ld + r] = l == -INFINITY ? A(-INFINITY) : scale * t[(M + m) * ld + r] - l;
+        if (s_in) {  // rows past the block's end weigh nothing
+          for (int64_t r = 0; r < ld; ++r)
+            ea[m * ld + r] = (l == -INFINITY || r >= rb) ? A(-INFINITY) : s_in[(i0 + r) * M + m] - l;
+        } else {
+          for (int64_t r = 0; r < ld; ++r)
+            ea[m * ld + r] = l == -INFINITY ? A(-INFINITY) : scale * t[(M + m) * ld + r] - l;
+        }
       }
       exp_inplace(ea, M * ld);
       for (int64_t m = 0; m < M; ++m)
@@ -687,6 +710,9 @@ template <class A> struct Bwd {
           cx[m * ld + r] = a;
           cx[(M + m) * ld + r] = ds;
         }
+      if (ds_out)
+        for (int64_t r = 0; r < rb; ++r)
+          for (int64_t m = 0; m < M; ++m) ds_out[(i0 + r) * M + m] = dsq[m * ld + r];
       if (dx) {
         for (int64_t r = 0; r < rb; ++r) {
           pc.step();
@@ -710,9 +736,10 @@ template <class A> struct Bwd {
 template <class A>
 static int backward(int kind, const void* x, int64_t ldx, int64_t N, int64_t D, const int64_t* off, int64_t B,
                     const A* q, int64_t G, int64_t M, A scale, const A* out, const A* lse, const A* gout,
-                    const A* glse, void* dx, A* dq, int64_t P, int nthreads) {
+                    const A* glse, void* dx, A* dq, int64_t P, int nthreads, const A* s_in = nullptr,
+                    A* ds_out = nullptr) {
   const Split sp{off, B, N, P};
-  const Bwd<A> f{kind, x, ldx, N, D, q, G, M, scale, gout, dx};
+  const Bwd<A> f{kind, x, ldx, N, D, q, G, M, scale, gout, dx, s_in, ds_out};
   const int64_t MD = M * D;
   // dq partials: with a shared query every piece sums into its own [M, D] (reduced in piece order below); with
   // per-set queries a whole set writes dq[b] directly and only cut sets use a slot.
@@ -795,4 +822,31 @@ int backward_any(int dtype, const void* x, int64_t ldx, int64_t N, int64_t D, co
   const int kind = dtype == 0 ? kSame : dtype == 2 ? kF16 : kBF16;
   return backward(kind, x, ldx, N, D, off, B, (const float*)q, G, M, (float)scale, (const float*)out,
                   (const float*)lse, (const float*)gout, (const float*)glse, dx, (float*)dq, P, nthreads);
+}
+
+// The scores kernel: the same online softmax and weighted sum, with the logits given (s [N, M], compute type)
+// instead of computed as x.q; ds (may be null) receives the logits' gradient, dx (may be null) the rows'.
+int scores_forward_any(int dtype, const void* x, int64_t ldx, int64_t N, int64_t D, const int64_t* off, int64_t B,
+                       const void* s, int64_t M, void* out, void* lse, int64_t P, int nthreads) {
+  if (dtype == 1)
+    return forward(kSame, x, ldx, N, D, off, B, (const double*)nullptr, 1, M, 1.0, (double*)out, (double*)lse, P,
+                   nthreads, (const double*)s);
+  if (dtype < 0 || dtype > 3) return 3;
+  const int kind = dtype == 0 ? kSame : dtype == 2 ? kF16 : kBF16;
+  return forward(kind, x, ldx, N, D, off, B, (const float*)nullptr, 1, M, 1.0f, (float*)out, (float*)lse, P,
+                 nthreads, (const float*)s);
+}
+
+int scores_backward_any(int dtype, const void* x, int64_t ldx, int64_t N, int64_t D, const int64_t* off, int64_t B,
+                        const void* s, int64_t M, const void* out, const void* lse, const void* gout,
+                        const void* glse, void* dx, void* ds, int64_t P, int nthreads) {
+  if (dtype == 1)
+    return backward(kSame, x, ldx, N, D, off, B, (const double*)nullptr, 1, M, 1.0, (const double*)out,
+                    (const double*)lse, (const double*)gout, (const double*)glse, dx, (double*)nullptr, P, nthreads,
+                    (const double*)s, (double*)ds);
+  if (dtype < 0 || dtype > 3) return 3;
+  const int kind = dtype == 0 ? kSame : dtype == 2 ? kF16 : kBF16;
+  return backward(kind, x, ldx, N, D, off, B, (const float*)nullptr, 1, M, 1.0f, (const float*)out,
+                  (const float*)lse, (const float*)gout, (const float*)glse, dx, (float*)nullptr, P, nthreads,
+                  (const float*)s, (float*)ds);
 }
