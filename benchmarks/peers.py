@@ -210,7 +210,7 @@ def build_gate(batch: Batch, kernels: list[str], seed: int) -> Task:
 
     task.rows.append(Row("softmax_pool(x, gate(x))", "attnpool", PACKED,
                          lambda x: softmax_pool(x, gate(x).squeeze(-1), offsets=offsets), list(gate.parameters()),
-                         note="scores from the same Linear(D, 1); eager path"))
+                         note="scores from the same Linear(D, 1); the given-scores kernel"))
 
     pyg, why = _import("torch_geometric.nn.aggr")
     if pyg is None:
