@@ -229,3 +229,15 @@ def test_softmax_pool_on_packed_input_with_a_learned_temperature():
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_softmax_pool_weights_of_a_set_with_only_minus_inf_scores_are_zero_on_both_paths():
+    x = torch.randn(5, 3, dtype=torch.float64)
+    s = torch.tensor([0.5, -1.0, -math.inf, -math.inf, 2.0], dtype=torch.float64)
+    offsets = torch.tensor([0, 2, 4, 5])
+    out, w = AF.softmax_pool(x, s, offsets=offsets, return_weights=True)
+    with use_kernel("reference"):
+        ref, w_ref = AF.softmax_pool(x, s, offsets=offsets, return_weights=True)
+    assert torch.isfinite(w).all() and (w[2:4] == 0).all() and (out[1] == 0).all()
+    torch.testing.assert_close(w, w_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)

@@ -312,7 +312,9 @@ def softmax_pool_sets(
             if not need_weights:
                 return out, None
             with torch.no_grad():
-                weights = torch.exp(s - lse.to(s.dtype)[sets.segment_ids()]).unsqueeze(1)
+                lse_of_row = lse.to(s.dtype)[sets.segment_ids()]
+                # a set whose logits are all -inf has lse -inf and weights 0, as on the eager path (not exp(NaN))
+                weights = torch.where(torch.isfinite(lse_of_row), torch.exp(s - lse_of_row), 0).unsqueeze(1)
         return out, weights
     with torch.autocast(sets.values.device.type, enabled=False):
         s = kept_elements(sets, scores) / temperature
