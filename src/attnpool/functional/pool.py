@@ -525,7 +525,10 @@ def softmax_pool(
     out = out.to(sets.values.dtype)
     if single:
         out = out.squeeze(1)
-    return (out, format_weights(sets, weights)) if return_weights else out
+    if not return_weights:
+        return out
+    assert weights is not None
+    return out, format_weights(sets, weights)
 
 
 def mean_pool_sets(sets: Sets) -> Tensor:
