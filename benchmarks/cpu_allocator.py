@@ -13,7 +13,6 @@ Each process prints, per row, the median wall time and, per call, minor page fau
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import resource
@@ -22,21 +21,7 @@ import subprocess
 import sys
 import time
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-MALLOC_REUSE = "glibc mallopt: mmap threshold 256 MiB, trim threshold 512 MiB (freed blocks are reused)"
-
-
-def malloc_reuse() -> str:
-    """Make glibc's malloc keep freed blocks for reuse (this process only; call it before the big allocations).
-    Returns :data:`MALLOC_REUSE`; raises ``OSError`` where there is no glibc or ``mallopt`` refuses."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(M_MMAP_THRESHOLD, 256 << 20) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 512 << 20) == 1
-    except (OSError, AttributeError) as e:
-        raise OSError(f"glibc's mallopt is not available here: {e}") from e
-    if not ok:
-        raise OSError("glibc's mallopt refused the thresholds")
-    return MALLOC_REUSE
+from attnpool._allocator import malloc_reuse
 
 
 def measure(threads: int, reps: int) -> dict[str, dict[str, float]]:

