@@ -1,9 +1,13 @@
 """Input forms: parsing and the errors for bad input (each names the argument, the expectation and what came)."""
 
+from unittest import mock
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from attnpool import as_sets
+from attnpool import _sets, as_sets
 from attnpool.functional import attention_pool
 
 
@@ -99,3 +103,47 @@ def test_keys_must_match_the_values_layout(ragged):
         attention_pool(ragged.packed, q, torch.randn(10, 8, dtype=torch.float64), offsets=ragged.offsets)
     with pytest.raises(TypeError, match="keys: values were given as a list"):
         attention_pool(ragged.sets, q, ragged.packed)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(0, 6), max_size=8), form=st.sampled_from(["offsets", "lengths"]),
+       breaks=st.sampled_from([None, "first", "last", "order", "negative"]))
+def test_host_checks_agree_with_the_tensor_checks(lengths, form, breaks):
+    """CPU offsets and lengths are checked through a NumPy view (a few NumPy calls instead of a dozen small aten
+    ops); the tensor checks remain for compiled graphs, functorch transforms and other devices. Both must accept
+    the same inputs with the same lengths and emptiness flag, and reject the same ones with the same message."""
+    n = sum(lengths)
+    packed = torch.randn(n, 2)
+    lens = torch.tensor(lengths, dtype=torch.long)
+    arg = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]) if form == "offsets" else lens.clone()
+    if breaks == "first" and form == "offsets":
+        arg[0] = 1
+    elif breaks == "last":
+        arg[-1] += 1
+    elif breaks == "order" and form == "offsets" and arg.shape[0] > 2:
+        arg[1] = arg[2] + 1
+    elif breaks == "negative" and form == "lengths" and arg.shape[0] > 1:
+        arg[0], arg[1] = -1, arg[1] + arg[0] + 1
+
+    def describe(host: bool):
+        with mock.patch.object(_sets, "_host_view", _sets._host_view if host else lambda t: None):
+            try:
+                s = as_sets(packed, **{form: arg})
+            except ValueError as e:
+                return str(e)
+            return s.offsets.tolist(), s.lengths.tolist(), s.lengths.dtype, s.all_nonempty
+
+    assert describe(host=True) == describe(host=False)
+
+
+def test_host_view_steps_aside_inside_functorch():
+    """Under ``torch.func.vmap`` a batched tensor cannot be viewed by NumPy: the tensor checks run instead."""
+    seen = []
+
+    def pool_one(x):
+        seen.append(_sets._host_view(torch.tensor([0, 2]) + 0 * x[0, 0].long()))
+        return as_sets(x, offsets=torch.tensor([0, 2])).values.sum()
+
+    torch.func.vmap(pool_one)(torch.randn(3, 2, 4))
+    assert seen == [None]
+    assert _sets._host_view(torch.tensor([0, 2])) is not None

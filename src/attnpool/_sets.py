@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -199,11 +200,30 @@ def check_offsets(offsets: Tensor, n: int, device: torch.device) -> tuple[Tensor
     return offs, lens
 
 
+def _host_view(t: Tensor) -> np.ndarray | None:
+    """``t`` as a NumPy view when it can be read on the host for free: a plain CPU tensor, outside ``torch.compile``,
+    ``torch.export`` and ``torch.func`` transforms. Checks then cost a few NumPy calls instead of a dozen small
+    aten ops, each of which costs 3-5 us here and several times that right after a kernel has streamed a large
+    input through the caches (benchmarks/cpu_kernel_notes.md, 2026-12-06)."""
+    if t.device.type != "cpu" or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return None
+    try:
+        return t.numpy()
+    except (RuntimeError, TypeError):  # a tensor subclass or another form NumPy cannot view
+        return None
+
+
 def _check_offsets(offsets: Tensor, n: int, device: torch.device) -> tuple[Tensor, Tensor, bool]:
     """:func:`check_offsets`, plus whether every set is known to be nonempty (read in the same host sync)."""
     offs = _check_lengths(offsets, "offsets", device)
     if offs.shape[0] < 1:
         raise ValueError("offsets: expected shape [B+1] with B >= 0, got an empty tensor")
+    host = _host_view(offs)
+    if host is not None:
+        diffs = host[1:] - host[:-1]
+        smallest = int(diffs.min()) if diffs.shape[0] else 1
+        if host[0] == 0 and host[-1] == n and smallest >= 0:
+            return offs, torch.from_numpy(diffs), smallest > 0
     lens = offsets_to_lengths(offs)
     # One host sync for the three checks (and one graph break under torch.compile, not three); the values that the
     # messages quote are read only on failure.
@@ -301,6 +321,12 @@ def as_sets(
                              "offsets [B+1] or lengths [B]")
         if lengths is not None:
             lens = _check_lengths(lengths, "lengths", values.device)
+            host = _host_view(lens)
+            smallest = (int(host.min()) if host.shape[0] else 1) if host is not None else -1
+            if host is not None and smallest >= 0 and int(host.sum()) == n:
+                offs = np.zeros(host.shape[0] + 1, dtype=np.int64)
+                np.cumsum(host, out=offs[1:])
+                return Sets("packed", values, None, torch.from_numpy(offs), lens, all_nonempty=smallest > 0)
             # one host sync (one graph break) for both checks and the emptiness
             ok, nonempty = _holds_and_nonempty((lens >= 0).all() & (lens.sum() == n), lens,
                                                "lengths: expected lengths >= 0 that sum to N")

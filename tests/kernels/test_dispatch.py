@@ -31,15 +31,20 @@ def test_reference_kernel_matches_the_engine_and_reports_lse():
 
 
 @pytest.mark.parametrize("query_rows", [1, 4])
-def test_engine_kernel_path_equals_eager_path(reference_as_fused, query_rows):
+@pytest.mark.parametrize("learned_temperature", [True, False])
+def test_engine_kernel_path_equals_eager_path(reference_as_fused, query_rows, learned_temperature):
+    """A learned temperature scales the query (its gradient flows through it); a plain number goes to the kernel
+    as its scale. Either way: the eager path's output, weights and gradients."""
     batch = make_batch([3, 0, 1, 6], 5)
-    q = torch.randn(query_rows, 2, 5, dtype=torch.float64)
-    t = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(query_rows, 2, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(0.7, dtype=torch.float64, requires_grad=True) if learned_temperature else 0.7
     x = batch.packed.clone().requires_grad_()
     fused = attention_pool(x, q, offsets=batch.offsets, temperature=t)
     fused.sum().backward()
-    fused_grads = x.grad.clone(), t.grad.clone()
-    x.grad, t.grad = None, None
+    fused_grads = x.grad.clone(), (t.grad.clone() if learned_temperature else q.grad.clone())
+    x.grad, q.grad = None, None
+    if learned_temperature:
+        t.grad = None
     with torch.no_grad():
         fused_out, fused_w = attention_pool(x, q, offsets=batch.offsets, temperature=t, return_weights=True)
     with kernels.use_kernel("reference"):
@@ -50,7 +55,7 @@ def test_engine_kernel_path_equals_eager_path(reference_as_fused, query_rows):
     torch.testing.assert_close(fused_out, eager.detach(), rtol=0, atol=1e-14)
     torch.testing.assert_close(fused_w, eager_w, rtol=0, atol=1e-14)
     torch.testing.assert_close(fused_grads[0], x.grad, rtol=0, atol=1e-14)
-    torch.testing.assert_close(fused_grads[1], t.grad, rtol=0, atol=1e-14)
+    torch.testing.assert_close(fused_grads[1], t.grad if learned_temperature else q.grad, rtol=0, atol=1e-14)
 
 
 def test_folded_module_runs_on_the_kernel(reference_as_fused, monkeypatch):

@@ -6,6 +6,7 @@ below, which the modules in :mod:`attnpool.nn` call directly.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -205,20 +206,36 @@ def _pool_with_sdpa(sets: Sets, query: Tensor, keys: Tensor, values: Tensor, num
     return out.transpose(1, 2).reshape(b, nq, kept_values.shape[-1])
 
 
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device_type, enabled=False)``, or nothing when autocast is off already (entering and leaving
+    an autocast context costs ~5 us per call on a 2-core VM, which small-batch callers pay on every pooling)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know: let torch.autocast say so, as before
+        enabled = True
+    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
+
+
 def _pool_with_kernel(kernel: KernelFn, sets: Sets, query: Tensor, factor: float | Tensor,
                       need_weights: bool) -> tuple[Tensor, Tensor | None]:
     assert sets.offsets is not None
     x = sets.values
-    # scale and temperature go into the query, so a learned temperature keeps its gradient
-    q = query.to(compute_dtype(x.dtype)) * factor
-    out, lse = kernel(x, sets.offsets, q, 1.0)
-    out = out.to(compute_dtype(x.dtype))
+    cdt = compute_dtype(x.dtype)
+    q = query if query.dtype == cdt else query.to(cdt)
+    if isinstance(factor, Tensor):
+        # a learned temperature: scale the query, so that the temperature gets its gradient through it
+        q, scale = q * factor, 1.0
+    else:
+        scale = float(factor)
+    out, lse = kernel(x, sets.offsets, q, scale)
+    if out.dtype != cdt:
+        out = out.to(cdt)
     if not need_weights:
         return out, None
     with torch.no_grad():
         xc, seg = x.to(q.dtype), sets.segment_ids()
         logits = xc @ q[0].T if q.shape[0] == 1 else torch.einsum("nd,nmd->nm", xc, q[seg])
-        weights = torch.exp(logits - lse.to(q.dtype)[seg]).unsqueeze(1)
+        weights = torch.exp(logits * scale - lse.to(q.dtype)[seg]).unsqueeze(1)
     return out, weights
 
 
@@ -263,10 +280,10 @@ def attention_pool_sets(
 
     device_type = sets.values.device.type
     if _use_sdpa(sets, keys, values, score, dropout, training, need_weights, query, temperature):
-        with torch.autocast(device_type, enabled=False):
+        with autocast_off(device_type):
             return _pool_with_sdpa(sets, query, keys, values, num_heads, scale / float(temperature)), None
     fused = _fused_kernel(sets, keys, values, score, num_heads, dropout, training, need_weights, query)
-    with torch.autocast(device_type, enabled=False):
+    with autocast_off(device_type):
         if fused is not None:
             return _pool_with_kernel(fused, sets, query, scale / temperature, need_weights)
         kept_values = kept_elements(sets, values)
@@ -305,7 +322,7 @@ def softmax_pool_sets(
     values = sets.values if values is None else values
     if _use_scores_kernel(sets, scores, values, dropout, training, need_weights):
         assert sets.offsets is not None
-        with torch.autocast(sets.values.device.type, enabled=False):
+        with autocast_off(sets.values.device.type):
             s = scores.to(compute_dtype(scores.dtype)) / temperature
             out, lse = segment_softmax_pool(values, sets.offsets, s)
             out = out.to(compute_dtype(values.dtype))
@@ -316,7 +333,7 @@ def softmax_pool_sets(
                 # a set whose logits are all -inf has lse -inf and weights 0, as on the eager path (not exp(NaN))
                 weights = torch.where(torch.isfinite(lse_of_row), torch.exp(s - lse_of_row), 0).unsqueeze(1)
         return out, weights
-    with torch.autocast(sets.values.device.type, enabled=False):
+    with autocast_off(sets.values.device.type):
         s = kept_elements(sets, scores) / temperature
         logits = s.transpose(1, 2).unsqueeze(1) if sets.is_padded else s.unsqueeze(1)
         weights = softmax_sets(sets, logits)

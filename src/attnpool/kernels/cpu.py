@@ -302,7 +302,7 @@ class _SegmentAttentionPool(torch.autograd.Function):
         ctx.scale = scale
         ctx.query_dtype = query.dtype
         ctx.set_materialize_grads(False)
-        return out.to(x.dtype), lse
+        return (out if out.dtype == x.dtype else out.to(x.dtype)), lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
