@@ -324,9 +324,9 @@ def as_sets(
             host = _host_view(lens)
             smallest = (int(host.min()) if host.shape[0] else 1) if host is not None else -1
             if host is not None and smallest >= 0 and int(host.sum()) == n:
-                offs = np.zeros(host.shape[0] + 1, dtype=np.int64)
-                np.cumsum(host, out=offs[1:])
-                return Sets("packed", values, None, torch.from_numpy(offs), lens, all_nonempty=smallest > 0)
+                host_offsets = np.zeros(host.shape[0] + 1, dtype=np.int64)
+                np.cumsum(host, out=host_offsets[1:])
+                return Sets("packed", values, None, torch.from_numpy(host_offsets), lens, all_nonempty=smallest > 0)
             # one host sync (one graph break) for both checks and the emptiness
             ok, nonempty = _holds_and_nonempty((lens >= 0).all() & (lens.sum() == n), lens,
                                                "lengths: expected lengths >= 0 that sum to N")
