@@ -118,7 +118,7 @@ def test_host_checks_agree_with_the_tensor_checks(lengths, form, breaks):
     arg = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]) if form == "offsets" else lens.clone()
     if breaks == "first" and form == "offsets":
         arg[0] = 1
-    elif breaks == "last":
+    elif breaks == "last" and arg.shape[0] > 0:
         arg[-1] += 1
     elif breaks == "order" and form == "offsets" and arg.shape[0] > 2:
         arg[1] = arg[2] + 1
@@ -136,8 +136,9 @@ def test_host_checks_agree_with_the_tensor_checks(lengths, form, breaks):
     assert describe(host=True) == describe(host=False)
 
 
-def test_host_view_steps_aside_inside_functorch():
-    """Under ``torch.func.vmap`` a batched tensor cannot be viewed by NumPy: the tensor checks run instead."""
+def test_host_view_steps_aside_inside_functorch_and_tracing():
+    """Under ``torch.func.vmap`` a batched tensor cannot be viewed by NumPy, and under ``torch.jit.trace`` what NumPy
+    computed would enter the graph as a constant: the tensor checks run instead."""
     seen = []
 
     def pool_one(x):
@@ -146,4 +147,12 @@ def test_host_view_steps_aside_inside_functorch():
 
     torch.func.vmap(pool_one)(torch.randn(3, 2, 4))
     assert seen == [None]
+
+    def lengths_of(x, offsets):
+        seen.append(_sets._host_view(offsets))
+        return as_sets(x, offsets=offsets).lengths
+
+    traced = torch.jit.trace(lengths_of, (torch.randn(5, 2), torch.tensor([0, 2, 5])), check_trace=False)
+    assert seen[1] is None
+    assert traced(torch.randn(4, 2), torch.tensor([0, 1, 4])).tolist() == [1, 3]  # not the traced example's [2, 3]
     assert _sets._host_view(torch.tensor([0, 2])) is not None

@@ -202,10 +202,12 @@ def check_offsets(offsets: Tensor, n: int, device: torch.device) -> tuple[Tensor
 
 def _host_view(t: Tensor) -> np.ndarray | None:
     """``t`` as a NumPy view when it can be read on the host for free: a plain CPU tensor, outside ``torch.compile``,
-    ``torch.export`` and ``torch.func`` transforms. Checks then cost a few NumPy calls instead of a dozen small
-    aten ops, each of which costs 3-5 us here and several times that right after a kernel has streamed a large
-    input through the caches (benchmarks/cpu_kernel_notes.md, 2026-12-06)."""
-    if t.device.type != "cpu" or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t):
+    ``torch.export``, tracing (what NumPy computes would enter a traced graph as a constant) and ``torch.func``
+    transforms. Checks then cost a few NumPy calls instead of a dozen small aten ops, each of which costs 3-5 us
+    here and several times that right after a kernel has streamed a large input through the caches
+    (benchmarks/cpu_kernel_notes.md, 2026-12-06)."""
+    if (t.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._functorch.is_functorch_wrapped_tensor(t)):
         return None
     try:
         return t.numpy()

@@ -164,6 +164,22 @@ def test_only_one_output_or_input_needs_grad(m):
     torch.testing.assert_close(dq, dq2, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_without_grad_the_same_results_without_autograd(dtype):
+    """With nothing to differentiate the wrapper calls the kernel without ``torch.autograd.Function``: the same
+    results, bit for bit, and outputs that carry no graph."""
+    x, offsets, q = batch(LENGTHS, 6, dtype=dtype, m=2)
+    with torch.no_grad():
+        out, lse = cpu.segment_attention_pool(x.requires_grad_(), offsets, q, 0.5)
+    assert out.grad_fn is None and lse.grad_fn is None and out.dtype == dtype
+    x.requires_grad_(False)
+    plain = cpu.segment_attention_pool(x, offsets, q, 0.5)  # grad mode on, but nothing requires grad
+    tracked = cpu.segment_attention_pool(x.clone().requires_grad_(), offsets, q, 0.5)
+    assert tracked[0].grad_fn is not None
+    for a, b, c in zip((out, lse), plain, tracked):
+        assert torch.equal(a, b) and torch.equal(a, c.detach())
+
+
 # Half inputs accumulate in float32. Against float64 on the same (rounded) inputs, the error is the rounding of the
 # result to the input dtype (half an ulp: 2^-11 relative for float16, 2^-8 for bfloat16) plus float32 accumulation
 # (~1e-6 relative); lse (float32) and dq (float32, cast to the query dtype) likewise. The bounds below are those

@@ -282,22 +282,31 @@ def _raise(status: int, offsets: Tensor, n: int) -> None:
     raise RuntimeError(f"attnpool CPU kernel failed with status {status}")
 
 
+def _attention_forward(x: Tensor, offsets: Tensor, query: Tensor, scale: float
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One forward through the C entry point: ``(rows of x as read, query in the compute dtype, out, lse)``, ``out``
+    in the compute dtype."""
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    xr = _rows(x)
+    n, d = xr.shape
+    b = offsets.shape[0] - 1
+    g, m = query.shape[0], query.shape[1]
+    q = query.detach()
+    if q.dtype != cdt or not q.is_contiguous():
+        q = q.to(cdt).contiguous()
+    out = torch.empty(b, m, d, dtype=cdt)
+    lse = torch.empty(b, m, dtype=cdt)
+    status = build().ap_forward(_DTYPE_CODES[x.dtype], _ptr(xr), xr.stride(0) if n else d, n, d, _ptr(offsets), b,
+                                _ptr(q), g, m, scale, _ptr(out), _ptr(lse), torch.get_num_threads())
+    if status:
+        _raise(status, offsets, n)
+    return xr, q, out, lse
+
+
 class _SegmentAttentionPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, offsets: Tensor, query: Tensor, scale: float):
-        lib = build()
-        cdt = torch.promote_types(x.dtype, torch.float32)
-        xr = _rows(x)
-        n, d = xr.shape
-        b = offsets.shape[0] - 1
-        g, m = query.shape[0], query.shape[1]
-        q = query.detach().to(cdt).contiguous()
-        out = torch.empty(b, m, d, dtype=cdt)
-        lse = torch.empty(b, m, dtype=cdt)
-        status = lib.ap_forward(_DTYPE_CODES[x.dtype], _ptr(xr), xr.stride(0) if n else d, n, d, _ptr(offsets), b,
-                                _ptr(q), g, m, scale, _ptr(out), _ptr(lse), torch.get_num_threads())
-        if status:
-            _raise(status, offsets, n)
+        xr, q, out, lse = _attention_forward(x, offsets, query, scale)
         ctx.save_for_backward(xr, offsets, q, out, lse)
         ctx.scale = scale
         ctx.query_dtype = query.dtype
@@ -345,7 +354,13 @@ def segment_attention_pool(x: Tensor, offsets: Tensor, query: Tensor, scale: flo
         RuntimeError: when the kernel cannot be built here (see :func:`is_available`).
     """
     offsets, query, scale = _check(x, offsets, query, scale)
-    return _SegmentAttentionPool.apply(x, offsets, query, scale)
+    if (torch.is_grad_enabled() and (x.requires_grad or query.requires_grad)) \
+            or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return _SegmentAttentionPool.apply(x, offsets, query, scale)
+    # Nothing to differentiate: the C call without autograd.Function's bookkeeping (a few us here, and several
+    # times that right after a large input has gone through the caches: benchmarks/call_overhead.py).
+    _, _, out, lse = _attention_forward(x, offsets, query, scale)
+    return (out if out.dtype == x.dtype else out.to(x.dtype)), lse
 
 
 class _SegmentChannelSoftmaxPool(torch.autograd.Function):
