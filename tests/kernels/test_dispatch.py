@@ -6,7 +6,7 @@ import torch
 import attnpool.kernels as kernels
 from attnpool.functional import attention_pool
 from attnpool.kernels import reference
-from attnpool.nn import AttentionPool
+from attnpool.nn import AttentionPool, ChannelSoftmaxPool, GatedAttentionPool
 from tests.conftest import make_batch
 
 
@@ -115,3 +115,31 @@ def test_overrides_and_errors(monkeypatch):
     with kernels.use_kernel("reference"):
         assert kernels.get_kernel("cpu")[0] == "reference"
     assert kernels._choice == before
+
+
+@pytest.mark.parametrize("make", [
+    lambda: AttentionPool(6, score="dot", dtype=torch.float64),
+    lambda: AttentionPool(6, 2, 2, key_proj=True, value_proj=True, dtype=torch.float64),
+    lambda: GatedAttentionPool(6, 4, dtype=torch.float64),
+    lambda: ChannelSoftmaxPool(learn=True, dtype=torch.float64),
+], ids=["dot", "folded", "gated", "channel"])
+def test_torch_func_transforms_take_the_eager_path(make):
+    """``torch.func.vmap`` and ``torch.func.grad`` wrap their inputs; the fused kernels (opaque calls on raw
+    pointers) cannot take those, so packed pooling under a transform runs the eager path: the same values and
+    gradients as a loop of plain calls on the kernel."""
+    torch.manual_seed(0)
+    pool = make()
+    offsets = torch.tensor([0, 3, 3, 7])
+    xs = torch.randn(4, 7, 6, dtype=torch.float64)
+    with kernels.use_kernel("auto"):
+        batched = torch.func.vmap(lambda x: pool(x, offsets=offsets))(xs)
+        grads = torch.func.vmap(torch.func.grad(lambda x: pool(x, offsets=offsets).sin().sum()))(xs)
+        loop, loop_grads = [], []
+        for x in xs:
+            x = x.clone().requires_grad_()
+            out = pool(x, offsets=offsets)
+            (g,) = torch.autograd.grad(out.sin().sum(), [x])
+            loop.append(out.detach())
+            loop_grads.append(g)
+    torch.testing.assert_close(batched, torch.stack(loop), rtol=0, atol=1e-12)
+    torch.testing.assert_close(grads, torch.stack(loop_grads), rtol=0, atol=1e-12)

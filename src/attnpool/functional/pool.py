@@ -16,7 +16,14 @@ from torch import Tensor
 from attnpool._sets import Sets, as_sets, lengths_to_offsets, segment_ids
 from attnpool.functional.scores import dot_score
 from attnpool.functional.softmax import compute_dtype, masked_softmax, segment_softmax
-from attnpool.kernels import KernelFn, get_kernel, kernel_choice, segment_channel_softmax_pool, segment_softmax_pool
+from attnpool.kernels import (
+    KernelFn,
+    get_kernel,
+    kernel_choice,
+    segment_channel_softmax_pool,
+    segment_softmax_pool,
+    under_functorch,
+)
 
 __all__ = [
     "attention_pool",
@@ -161,6 +168,8 @@ def _fused_kernel(sets: Sets, keys: Tensor, values: Tensor, score: ScoreFn, num_
             or (dropout > 0 and training) or sets.values.shape[0] == 0 or query.shape[1] == 0):
         return None
     if need_weights and torch.is_grad_enabled() and (values.requires_grad or query.requires_grad):
+        return None
+    if under_functorch(sets.values, query):
         return None
     name, fn = get_kernel(sets.values.device.type, sets.values.dtype)
     return None if name == "reference" else fn
@@ -350,7 +359,7 @@ def _use_scores_kernel(sets: Sets, scores: Tensor, values: Tensor, dropout: floa
         return False
     if need_weights and torch.is_grad_enabled() and (values.requires_grad or scores.requires_grad):
         return False
-    return get_kernel(values.device.type, values.dtype)[0] == "cpu"
+    return get_kernel(values.device.type, values.dtype)[0] == "cpu" and not under_functorch(values, scores)
 
 
 def check_channel_t(t: float | Tensor, dim: int, like: Tensor) -> Tensor:

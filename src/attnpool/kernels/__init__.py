@@ -17,7 +17,9 @@ own; :class:`attnpool.nn.GatedAttentionPool`, :func:`attnpool.functional.softmax
 
 The dispatcher picks the fastest available backend for the input's device. One switch overrides it: the
 ``ATTNPOOL_KERNEL`` environment variable, or :func:`use_kernel` (a context manager) /
-:func:`set_kernel`, with one of the names above or ``"auto"``.
+:func:`set_kernel`, with one of the names above or ``"auto"``. Inputs wrapped by a ``torch.func`` transform
+(``vmap``, ``grad``, ``jacrev``) always take the reference or eager path, whatever the switch says: the fused
+kernels are calls on raw pointers that those transforms cannot batch or differentiate.
 
 On the CPU, with glibc's default malloc, a backward over a large packed batch can spend more time faulting in the
 fresh zeroed pages of its ``[N, D]`` input gradient than computing it (on a 2-core VM: 16.5k page faults and 48 ms
@@ -93,6 +95,13 @@ def kernel_choice() -> str:
     return _check_name(_choice)
 
 
+def under_functorch(*tensors: Tensor) -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ...) wraps any of ``tensors``. The fused
+    kernels are opaque ``autograd.Function`` calls on raw pointers, which those transforms cannot batch or
+    differentiate, so such calls take the reference (or eager) path."""
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
 def get_kernel(device_type: str, dtype: torch.dtype = torch.float32) -> tuple[str, KernelFn]:
     """The backend that runs for tensors on ``device_type``: the forced one, else the fastest available for it
     (float64 on CUDA goes to the reference: the Triton kernel computes in float32)."""
@@ -113,6 +122,9 @@ def get_kernel(device_type: str, dtype: torch.dtype = torch.float32) -> tuple[st
 def segment_attention_pool(x: Tensor, offsets: Tensor, query: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Dispatch the primitive of :mod:`.reference` to the chosen backend."""
     _, fn = get_kernel(x.device.type, x.dtype)
+    if under_functorch(x, query):
+        from attnpool.kernels import reference
+        return reference.segment_attention_pool(x, offsets, query, scale)
     return fn(x, offsets, query, scale)
 
 
@@ -121,7 +133,7 @@ def segment_channel_softmax_pool(x: Tensor, offsets: Tensor, t: Tensor) -> tuple
     CPU tensors, else the reference (there is no Triton kernel for it; a forced ``"triton"`` also runs the
     reference). ``lse`` is differentiable on the reference only."""
     name, _ = get_kernel(x.device.type, x.dtype)
-    if name == "cpu":
+    if name == "cpu" and not under_functorch(x, t):
         from attnpool.kernels import cpu
         return cpu.segment_channel_softmax_pool(x, offsets, t)
     from attnpool.kernels import reference
@@ -132,7 +144,7 @@ def segment_softmax_pool(x: Tensor, offsets: Tensor, scores: Tensor) -> tuple[Te
     """Dispatch the given-logits primitive of :mod:`.reference`: the CPU kernel for CPU tensors, else the reference
     (there is no Triton kernel for it; a forced ``"triton"`` also runs the reference)."""
     name, _ = get_kernel(x.device.type, x.dtype)
-    if name == "cpu":
+    if name == "cpu" and not under_functorch(x, scores):
         from attnpool.kernels import cpu
         return cpu.segment_softmax_pool(x, offsets, scores)
     from attnpool.kernels import reference
