@@ -332,7 +332,9 @@ def softmax_pool_sets(
     if _use_scores_kernel(sets, scores, values, dropout, training, need_weights):
         assert sets.offsets is not None
         with autocast_off(sets.values.device.type):
-            s = scores.to(compute_dtype(scores.dtype)) / temperature
+            s = scores.to(compute_dtype(scores.dtype))
+            if isinstance(temperature, Tensor) or temperature != 1:  # x / 1 is x: no op and no backward node
+                s = s / temperature
             out, lse = segment_softmax_pool(values, sets.offsets, s)
             out = out.to(compute_dtype(values.dtype))
             if not need_weights:
