@@ -15,7 +15,10 @@ import ctypes
 __all__ = ["MALLOC_REUSE", "malloc_reuse"]
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-MALLOC_REUSE = "glibc mallopt: mmap threshold 256 MiB, trim threshold 512 MiB (freed blocks are reused)"
+# mallopt takes an int: 2 GiB - 1 is the largest trim threshold it can be given. Until 2026-12-06 the thresholds were
+# 256 / 512 MiB, which left a 259 MiB gradient (run.py's scaling-N at B = 8192) to be mapped and faulted in per call.
+MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES = 1 << 30, (1 << 31) - 1
+MALLOC_REUSE = "glibc mallopt: mmap threshold 1 GiB, trim threshold 2 GiB (freed blocks are reused)"
 
 
 def malloc_reuse() -> str:
@@ -23,7 +26,8 @@ def malloc_reuse() -> str:
     Returns :data:`MALLOC_REUSE`; raises ``OSError`` where there is no glibc or ``mallopt`` refuses."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(M_MMAP_THRESHOLD, 256 << 20) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 512 << 20) == 1
+        ok = (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+              and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1)
     except (OSError, AttributeError) as e:
         raise OSError(f"glibc's mallopt is not available here: {e}") from e
     if not ok:
